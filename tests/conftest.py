@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+# Deterministic, quiet CPU runs.
+torch.manual_seed(0)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from sglang_tpla.tiny_model import tiny_config
+
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_cfg):
+    from sglang_tpla.tiny_model import random_state_dict
+
+    return random_state_dict(tiny_cfg, seed=1)
