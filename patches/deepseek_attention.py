@@ -1,0 +1,155 @@
+"""TPLA attention inside SGLang's ``DeepseekV2AttentionMLA`` (DeepSeek-V2/V3, Kimi-K2).
+
+Hooks (SGLang 0.5.23), all gated on ``self.tpla`` (set by :mod:`.weights` when TPLA is on):
+
+* AROUND ``DeepseekV2AttentionMLA.dispatch_attn_forward_method``: extend batches that hit a
+  cached prefix take the absorbed MLA path (the MHA prefix paths would read 512-wide
+  latents from the sliced pool).
+* AROUND ``DeepseekMLAForwardMixin.forward_absorb_prepare`` (decode): every rank computes
+  the full latent (replicated ``kv_a_proj``) with exact RMSNorm, the queries of all heads
+  of its group (its rows of ``q_b_proj``) absorbed with its latent columns of W_UK.
+* AROUND ``DeepseekMLAForwardMixin.forward_absorb_core``: decode attends over the rank's
+  slice with its own softmax (the ``tpla`` backend), applies its rows of W_UV and its heads'
+  o_proj; SGLang's usual all-reduce sums the ranks.  Extend stays exact MLA: the cached
+  prefix latent is recovered across the latent groups with one all-gather per layer and
+  attention runs over the full 512-wide latent (so prefill with radix-cache hits and
+  chunked prefill is exactly what stock MLA computes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+_MLA_CLS = "sglang.srt.models.deepseek_v2.DeepseekV2AttentionMLA"
+_MIXIN = "sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla.DeepseekMLAForwardMixin"
+HOOK_TARGETS = (
+    _MLA_CLS + ".dispatch_attn_forward_method",
+    _MIXIN + ".forward_absorb_prepare",
+    _MIXIN + ".forward_absorb_core",
+    "sglang.srt.layers.radix_attention.RadixAttention",
+    "sglang.srt.layers.layer_boundary.adapters.attention.get_attn_tp_context",
+    "sglang.srt.mem_cache.memory_pool.KVWriteLoc",
+    "sglang.srt.model_executor.forward_context.get_attn_backend",
+    "sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods.AttnForwardMethod",
+)
+
+
+def _dispatch(orig, self, forward_batch):
+    method = orig(self, forward_batch)
+    if getattr(self, "tpla", None) is None or forward_batch.forward_mode.is_decode_or_idle():
+        return method
+    from sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods import AttnForwardMethod
+
+    if forward_batch.extend_prefix_lens_cpu is not None and sum(forward_batch.extend_prefix_lens_cpu) > 0:
+        return AttnForwardMethod.MLA
+    return method
+
+
+def _tpla_attn(self):
+    w = self.tpla
+    if w.attn is None:
+        from sglang.srt.layers.radix_attention import RadixAttention
+
+        d = w.latent_end - w.latent_start
+        w.attn = RadixAttention(
+            w.num_heads, d + self.qk_rope_head_dim, self.scaling, num_kv_heads=1, layer_id=self.layer_id, v_head_dim=d
+        )
+    return w.attn
+
+
+def _prepare(orig, self, positions, hidden_states, forward_batch, zero_allocator, *args, **kwargs):
+    w = getattr(self, "tpla", None)
+    if w is None or not forward_batch.forward_mode.is_decode():
+        return orig(self, positions, hidden_states, forward_batch, zero_allocator, *args, **kwargs)
+    r = self.kv_lora_rank
+    if self.q_lora_rank is not None:
+        from sglang.srt.layers.layer_boundary.adapters.attention import get_attn_tp_context
+
+        q, latent = get_attn_tp_context().fetch_qkv_latent().split([self.q_lora_rank, r + self.qk_rope_head_dim], dim=-1)
+        q = self.q_a_layernorm(q)
+    else:
+        q, latent = hidden_states, self.kv_a_proj_with_mqa(hidden_states)[0]
+    k_nope = self.kv_a_layernorm(latent[..., :r])  # exact RMSNorm over the full latent
+    q = F.linear(q, w.q_weight).view(-1, w.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim)
+    q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+    k_pe = latent[..., r:].unsqueeze(1)
+    q_lat = torch.bmm(q_nope.transpose(0, 1), w.w_kc).transpose(0, 1)  # [T, Hg, D]
+    q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
+    k_slice = k_nope[..., w.latent_start : w.latent_end].unsqueeze(1)
+    return (q_pe, k_pe, q_lat, k_slice, forward_batch, zero_allocator, positions, None, None, None)
+
+
+def _core(orig, self, q_pe, k_pe, q_nope_out, k_nope, forward_batch, *args, **kwargs):
+    w = getattr(self, "tpla", None)
+    if w is None:
+        return orig(self, q_pe, k_pe, q_nope_out, k_nope, forward_batch, *args, **kwargs)
+    if forward_batch.forward_mode.is_decode():
+        q = torch.cat([q_nope_out, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe], dim=-1)
+        o = _tpla_attn(self)(q, k, k_nope, forward_batch, save_kv_cache=True)
+        o = o.view(-1, w.num_heads, w.latent_end - w.latent_start)
+        v = torch.bmm(o.transpose(0, 1), w.w_vc.to(o.dtype)).transpose(0, 1).flatten(1, 2)
+        return F.linear(v, w.o_weight.to(v.dtype))
+    if forward_batch.forward_mode.is_extend() and not forward_batch.forward_mode.is_target_verify():
+        o = _exact_extend(self, q_pe, k_pe, q_nope_out, k_nope, forward_batch)
+        v = torch.bmm(o.transpose(0, 1), self.w_vc.to(o.dtype)).transpose(0, 1).flatten(1, 2)
+        return self.o_proj(v)[0]
+    raise RuntimeError(f"TPLA: forward mode {forward_batch.forward_mode} is not supported (speculative decoding is not)")
+
+
+def _gather_prefix(pool, layer_id, slots, rt):
+    """Full ``[P, R]`` latent and ``[P, rope]`` key of cached tokens, across the latent groups."""
+    rows = pool.get_key_buffer(layer_id)[slots].reshape(len(slots), -1)  # [P, D + rope]
+    d = rt.layout.slice_width
+    if rt.layout.g == 1:
+        return rows[:, :d], rows[:, d:]
+    from sglang.srt.distributed.parallel_state import get_attn_tp_group
+
+    group = get_attn_tp_group()
+    parts = [torch.empty_like(rows) for _ in range(group.world_size)]
+    dist.all_gather(parts, rows.contiguous(), group=group.device_group)
+    lat = torch.cat([parts[rt.layout.group_ranks(j)[0]][:, :d] for j in range(rt.layout.g)], dim=-1)
+    return lat, rows[:, d:]
+
+
+def _exact_extend(self, q_pe, k_pe, q_lat, k_nope, forward_batch):
+    """Exact absorbed MLA for an extend batch over the sliced pool; returns ``[T, H_loc, R]``."""
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+    from sglang.srt.model_executor.forward_context import get_attn_backend
+
+    backend = get_attn_backend()
+    backend_pool = backend.token_to_kv_pool
+    layer = self.attn_mqa
+    backend_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), torch.cat([k_nope, k_pe], -1), None)
+    r2t = backend.req_to_token_pool.req_to_token
+    prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
+    ext_lens = list(forward_batch.extend_seq_lens_cpu)
+    slots = [r2t[int(forward_batch.req_pool_indices[b]), :p].long() for b, p in enumerate(prefix_lens)]
+    all_slots = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
+    if sum(prefix_lens):
+        pre_lat, pre_pe = _gather_prefix(backend_pool, layer.layer_id, all_slots.to(k_nope.device), self.tpla.runtime)
+    out = torch.empty_like(q_lat)
+    start_q = start_p = 0
+    for p, n in zip(prefix_lens, ext_lens):
+        new_lat, new_pe = k_nope[start_q : start_q + n, 0].float(), k_pe[start_q : start_q + n, 0].float()
+        if p:
+            new_lat = torch.cat([pre_lat[start_p : start_p + p].float(), new_lat])
+            new_pe = torch.cat([pre_pe[start_p : start_p + p].float(), new_pe])
+        ql, qp = q_lat[start_q : start_q + n].float(), q_pe[start_q : start_q + n].float()
+        logits = (torch.einsum("thd,ld->thl", ql, new_lat) + torch.einsum("thp,lp->thl", qp, new_pe)) * layer.scaling
+        mask = torch.arange(p + n, device=logits.device)[None, :] > (p + torch.arange(n, device=logits.device))[:, None]
+        logits = logits.masked_fill(mask[:, None, :], float("-inf"))
+        out[start_q : start_q + n] = torch.einsum("thl,ld->thd", torch.softmax(logits, -1), new_lat).to(out.dtype)
+        start_q += n
+        start_p += p
+    return out
+
+
+def install() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(HOOK_TARGETS[0], _dispatch, HookType.AROUND)
+    HookRegistry.register(HOOK_TARGETS[1], _prepare, HookType.AROUND)
+    HookRegistry.register(HOOK_TARGETS[2], _core, HookType.AROUND)

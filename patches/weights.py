@@ -1,0 +1,133 @@
+"""Weights: fold the TPLA transform in at load time and build each rank's TPLA decode weights.
+
+Hook (SGLang 0.5.23): AROUND
+``sglang.srt.models.deepseek_common.deepseek_weight_loader.DeepseekV2WeightLoaderMixin.post_load_weights``,
+which every loader runs after loading (``--load-format dummy`` too, via
+``sglang.srt.model_loader.loader.post_load_weights``).
+
+Before SGLang splits ``kv_b_proj`` into ``w_kc``/``w_vc`` the transform is folded into this
+rank's shards exactly (:func:`sglang_tpla.transforms.fold_layer`): the latent rows of the
+replicated ``kv_a_proj_with_mqa`` (inside ``fused_qkv_a_proj_with_mqa``), the RMSNorm gain
+and the latent columns of ``kv_b_proj``.  The folded model is still exact MLA, so prefill
+(head-sharded, SGLang's own path) is unchanged.  After it, the head-sharded ``q_b_proj``
+(``q_proj``), ``kv_b_proj`` and ``o_proj`` shards are all-gathered once over the attention TP
+group, and each attention module gets ``self.tpla`` with the decode weights of this rank:
+its latent group's columns of W_UK / rows of W_UV and its heads inside the group.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sglang_tpla.transforms import fold_layer, make_rotation
+
+from .runtime import TPLARuntime, runtime_for
+
+logger = logging.getLogger("sglang_tpla")
+
+HOOK_TARGETS = (
+    "sglang.srt.models.deepseek_common.deepseek_weight_loader.DeepseekV2WeightLoaderMixin.post_load_weights",
+    "sglang.srt.distributed.parallel_state.get_attn_tp_group",
+)
+
+
+@dataclass
+class TPLALayerWeights:
+    """One attention layer's TPLA decode weights on this rank (``Hg`` = heads of the rank)."""
+
+    q_weight: torch.Tensor  # [Hg * (nope + rope), q_lora or hidden]
+    w_kc: torch.Tensor  # [Hg, nope, D]
+    w_vc: torch.Tensor  # [Hg, D, v]
+    o_weight: torch.Tensor  # [hidden, Hg * v]
+    num_heads: int
+    latent_start: int
+    latent_end: int
+    runtime: TPLARuntime
+    attn: object = None  # RadixAttention over the sliced pool, set by the attention hook
+
+
+def _gather(t: torch.Tensor, dim: int) -> torch.Tensor:
+    from sglang.srt.distributed.parallel_state import get_attn_tp_group
+
+    group = get_attn_tp_group()
+    if group.world_size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(group.world_size)]
+    dist.all_gather(parts, t.contiguous(), group=group.device_group)
+    return torch.cat(parts, dim=dim)
+
+
+def _fold(attn, rotation: torch.Tensor) -> None:
+    r = attn.kv_lora_rank
+    if hasattr(attn, "fused_qkv_a_proj_with_mqa"):
+        a_w, off = attn.fused_qkv_a_proj_with_mqa.weight, attn.q_lora_rank
+    else:
+        a_w, off = attn.kv_a_proj_with_mqa.weight, 0
+    if a_w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise RuntimeError(
+            f"TPLA cannot fold a transform into a {a_w.dtype} kv_a_proj; convert the checkpoint first "
+            "(python -m sglang_tpla.convert) or use transform 'none'."
+        )
+    rows = a_w.data[off : off + r + attn.qk_rope_head_dim]
+    a, ln, b = fold_layer(rows, attn.kv_a_layernorm.weight.data, attn.kv_b_proj.weight.data, rotation)
+    rows.copy_(a)
+    attn.kv_a_layernorm.weight.data.copy_(ln)
+    attn.kv_b_proj.weight.data.copy_(b)
+
+
+def _layer_weights(attn, rt: TPLARuntime) -> TPLALayerWeights:
+    s = rt.slice
+    nope, rope, vdim = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
+    q_mod = attn.q_b_proj if hasattr(attn, "q_b_proj") else attn.q_proj
+    q_full = _gather(q_mod.weight.data, 0).unflatten(0, (-1, nope + rope))
+    kvb = _gather(attn.kv_b_proj.weight.data, 0).unflatten(0, (-1, nope + vdim))  # [H, nope+v, R]
+    o_full = _gather(attn.o_proj.weight.data, 1)  # [hidden, H*v]
+    heads = slice(s.head_start, s.head_end)
+    lat = slice(s.latent_start, s.latent_end)
+    w_k, w_v = kvb[heads].split([nope, vdim], dim=1)
+    return TPLALayerWeights(
+        q_weight=q_full[heads].flatten(0, 1).contiguous(),
+        w_kc=w_k[:, :, lat].contiguous(),
+        w_vc=w_v[:, :, lat].transpose(1, 2).contiguous(),
+        o_weight=o_full[:, s.head_start * vdim : s.head_end * vdim].contiguous(),
+        num_heads=s.num_heads,
+        latent_start=s.latent_start,
+        latent_end=s.latent_end,
+        runtime=rt,
+    )
+
+
+def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
+    """AROUND post_load_weights: fold the transform, let SGLang split w_kc/w_vc, then slice for TPLA."""
+    rt = runtime_for(self.config)
+    if rt is None or is_nextn:
+        return orig(self, is_nextn=is_nextn, weight_names=weight_names)
+    if weight_names is not None:
+        raise RuntimeError("TPLA does not support partial weight reloads (update_weights); restart the server instead.")
+    layers = [self.model.layers[i].self_attn for i in range(self.model.start_layer, self.model.end_layer)]
+    cfg = rt.config
+    if cfg.transform == "pca":
+        raise RuntimeError(
+            "TPLA transform 'pca' needs a calibration file produced by `python -m sglang_tpla.calibrate`, "
+            "which this version does not ship yet; use transform 'hadamard' or 'none'."
+        )
+    rotation = make_rotation(cfg.transform, layers[0].kv_lora_rank, seed=cfg.seed) if cfg.transform != "none" else None
+    for attn in layers:
+        if rotation is not None and not getattr(attn, "_tpla_folded", False):
+            _fold(attn, rotation)
+            attn._tpla_folded = True
+    result = orig(self, is_nextn=is_nextn, weight_names=weight_names)
+    for attn in layers:
+        attn.tpla = _layer_weights(attn, rt)
+    logger.info("TPLA: folded transform %s into %d layers and built per-rank decode weights", cfg.fingerprint(), len(layers))
+    return result
+
+
+def install() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(HOOK_TARGETS[0], _post_load_weights, HookType.AROUND)

@@ -1,0 +1,111 @@
+"""TPLA options: where they come from, and their validation (fail closed, once, at start).
+
+Options reach every SGLang process through either
+
+* ``--json-model-override-args '{"tpla": {"g": 2, "transform": "hadamard"}}'`` (merged into
+  the HF config, so every TP worker sees ``config.tpla``), or
+* environment variables ``SGLANG_TPLA_G``, ``SGLANG_TPLA_TRANSFORM``, ``SGLANG_TPLA_SEED``,
+  ``SGLANG_TPLA_CALIBRATION``, ``SGLANG_TPLA_MU`` (inherited by every worker).
+
+The JSON form wins over the environment.  TPLA itself is switched on by the attention
+backend name ``tpla`` (``--decode-attention-backend tpla``).
+
+Pure Python: no sglang.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .layout import TPLALayout, check_layout
+from .transforms import TRANSFORM_KINDS
+
+MU_CHOICES = ("one", "inv_p")
+_KEYS = {"g", "transform", "seed", "calibration", "mu"}
+_ENV = {
+    "g": "SGLANG_TPLA_G",
+    "transform": "SGLANG_TPLA_TRANSFORM",
+    "seed": "SGLANG_TPLA_SEED",
+    "calibration": "SGLANG_TPLA_CALIBRATION",
+    "mu": "SGLANG_TPLA_MU",
+}
+
+
+class TPLAConfigError(ValueError):
+    """Invalid TPLA settings; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class TPLAConfig:
+    g: int | None = None  # latent groups; None = the attention TP size (every rank its own slice)
+    transform: str = "hadamard"
+    seed: int = 0
+    calibration: str | None = None  # transform file for 'pca'
+    mu: str = "one"
+
+    def resolved_g(self, attn_tp_size: int) -> int:
+        return attn_tp_size if self.g is None else self.g
+
+    def fingerprint(self) -> str:
+        """What a prefill node and a decode node must agree on (the latent basis)."""
+        if self.transform == "hadamard":
+            return f"hadamard:seed={self.seed}"
+        if self.transform == "pca":
+            return f"pca:{Path(self.calibration).name if self.calibration else '?'}"
+        return self.transform
+
+
+def from_sources(json_opts: dict | None = None, environ: dict | None = None) -> TPLAConfig:
+    """Merge the JSON override (``config.tpla``) over the environment and validate types."""
+    env = os.environ if environ is None else environ
+    raw: dict = {k: env[v] for k, v in _ENV.items() if env.get(v) not in (None, "")}
+    if json_opts:
+        if not isinstance(json_opts, dict):
+            raise TPLAConfigError(f'TPLA: "tpla" in --json-model-override-args must be an object, got {json_opts!r}')
+        unknown = set(json_opts) - _KEYS
+        if unknown:
+            raise TPLAConfigError(f"TPLA: unknown option(s) {sorted(unknown)}; valid options are {sorted(_KEYS)}")
+        raw.update(json_opts)
+    try:
+        g = None if raw.get("g") in (None, "", "auto") else int(raw["g"])
+        seed = int(raw.get("seed", 0))
+    except (TypeError, ValueError) as e:
+        raise TPLAConfigError(f"TPLA: g and seed must be integers ({e}); e.g. SGLANG_TPLA_G=2") from None
+    transform = str(raw.get("transform", "hadamard"))
+    if transform not in TRANSFORM_KINDS:
+        raise TPLAConfigError(f"TPLA: unknown transform {transform!r}; choose one of {list(TRANSFORM_KINDS)}")
+    mu = str(raw.get("mu", "one"))
+    if mu not in MU_CHOICES:
+        raise TPLAConfigError(f"TPLA: unknown mu mode {mu!r}; choose one of {list(MU_CHOICES)}")
+    calibration = raw.get("calibration") or None
+    return TPLAConfig(g=g, transform=transform, seed=seed, calibration=calibration, mu=mu)
+
+
+def validate_for_model(cfg: TPLAConfig, hf_config, attn_tp_size: int) -> TPLALayout:
+    """Check the settings against the model and TP size; return the layout or raise."""
+    kv_lora_rank = getattr(hf_config, "kv_lora_rank", None)
+    if not kv_lora_rank or getattr(hf_config, "qk_rope_head_dim", None) is None:
+        arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
+        raise TPLAConfigError(
+            f"TPLA needs an MLA model (DeepSeek-V2/V3, Kimi-K2: config with kv_lora_rank); {arch} has none. "
+            "Drop --decode-attention-backend tpla for this model."
+        )
+    g = cfg.resolved_g(attn_tp_size)
+    try:
+        check_layout(attn_tp_size, g, hf_config.num_attention_heads, kv_lora_rank, hf_config.qk_rope_head_dim)
+    except ValueError as e:
+        raise TPLAConfigError(f"{e} (attention TP size {attn_tp_size}; set g with SGLANG_TPLA_G or {{\"tpla\": {{\"g\": ...}}}})") from None
+    if cfg.transform == "pca":
+        if not cfg.calibration:
+            raise TPLAConfigError(
+                "TPLA transform 'pca' needs a calibration file: run `python -m sglang_tpla.calibrate ... --out FILE` "
+                'and pass {"tpla": {"transform": "pca", "calibration": "FILE"}} (or SGLANG_TPLA_CALIBRATION=FILE).'
+            )
+        if not Path(cfg.calibration).is_file():
+            raise TPLAConfigError(
+                f"TPLA calibration file {cfg.calibration!r} does not exist; run `python -m sglang_tpla.calibrate` "
+                "to create it or fix the path."
+            )
+    return TPLALayout(attn_tp_size, g, hf_config.num_attention_heads, kv_lora_rank, hf_config.qk_rope_head_dim)

@@ -1,0 +1,92 @@
+"""SGLang-facing pieces that need no server: config validation, the launcher, the pool, hook targets."""
+
+import importlib
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sglang_tpla.config import TPLAConfigError, from_sources, validate_for_model
+from sglang_tpla.launch_server import translate
+
+HF = SimpleNamespace(kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=8, architectures=["DeepseekV3ForCausalLM"])
+
+
+def test_config_sources_json_wins_over_env():
+    cfg = from_sources({"g": 2}, {"SGLANG_TPLA_G": "4", "SGLANG_TPLA_TRANSFORM": "none"})
+    assert (cfg.g, cfg.transform) == (2, "none")
+    assert from_sources(None, {}).transform == "hadamard" and from_sources(None, {}).g is None
+    assert validate_for_model(from_sources(None, {}), HF, 2).g == 2  # g defaults to the attention TP size
+
+
+@pytest.mark.parametrize(
+    "opts,tp,hf,needle",
+    [
+        ({"g": 3}, 2, HF, "must divide the TP size tp=2"),
+        ({"g": 16}, 16, SimpleNamespace(**{**HF.__dict__, "num_attention_heads": 16}), "slice width"),
+        ({"transform": "pca"}, 2, HF, "needs a calibration file"),
+        ({"transform": "pca", "calibration": "/nonexistent.pt"}, 2, HF, "does not exist"),
+        ({"transform": "svd"}, 2, HF, "unknown transform"),
+        ({"frobnicate": 1}, 2, HF, "unknown option"),
+        ({}, 2, SimpleNamespace(num_attention_heads=8, architectures=["LlamaForCausalLM"]), "needs an MLA model"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_fix(opts, tp, hf, needle):
+    with pytest.raises(TPLAConfigError, match=needle):
+        validate_for_model(from_sources(opts, {}), hf, tp)
+
+
+def test_launcher_translates_flags_and_keeps_the_rest():
+    out = translate(["--model-path", "M", "--tp", "2", "--enable-tpla", "--tpla-g", "2", "--tpla-transform", "none",
+                     "--json-model-override-args", '{"rope_theta": 5}'])
+    assert out[:4] == ["--model-path", "M", "--tp", "2"]
+    assert out[out.index("--decode-attention-backend") + 1] == "tpla"
+    js = json.loads(out[out.index("--json-model-override-args") + 1])
+    assert js == {"rope_theta": 5, "tpla": {"g": 2, "transform": "none"}}
+    assert translate(["--model-path", "M"]) == ["--model-path", "M"]
+    with pytest.raises(SystemExit):
+        translate(["--tpla-g", "2"])
+
+
+def test_pool_slices_full_rows_and_keeps_its_width():
+    from sglang_tpla.patches.kv_pool import TPLAMLATokenToKVPool
+    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
+
+    pool = TPLAMLATokenToKVPool(
+        16, page_size=1, dtype=torch.float32, kv_lora_rank=512, qk_rope_head_dim=64, layer_num=1, device="cpu",
+        enable_memory_saver=False, latent_range=(256, 512), full_kv_lora_rank=512,
+    )
+    assert isinstance(pool, MLATokenToKVPool)
+    buf = pool.get_key_buffer(0)
+    assert buf.shape[-1] == 320
+    row = torch.arange(576, dtype=torch.float32).view(1, 1, 576)
+    layer = SimpleNamespace(layer_id=0)
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    from sglang.srt.runtime_context import get_parallel
+
+    with get_parallel().override(dcp_enabled=False):
+        pool.set_kv_buffer(layer, KVWriteLoc(torch.tensor([3]), None), row, None)
+    got = pool.get_key_buffer(0)[3].view(-1)
+    assert torch.equal(got, torch.cat([torch.arange(256, 512), torch.arange(512, 576)]).float())
+
+
+def test_every_hook_target_imports_from_installed_sglang():
+    from sglang_tpla import plugin
+
+    checked = 0
+    for name in plugin.HOOK_MODULES:
+        mod = importlib.import_module(name)
+        for target in getattr(mod, "HOOK_TARGETS", ()):
+            parts = target.split(".")
+            for i in range(len(parts), 0, -1):
+                try:
+                    obj = importlib.import_module(".".join(parts[:i]))
+                    break
+                except ImportError:
+                    continue
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)  # AttributeError = SGLang moved the target
+            checked += 1
+    assert checked >= 10
