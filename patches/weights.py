@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sglang_tpla.calibration import Calibration, ModelIdentity, weights_hash
 from sglang_tpla.transforms import fold_layer, make_rotation
 
 from .runtime import TPLARuntime, runtime_for
@@ -67,10 +68,11 @@ def _fold(attn, rotation: torch.Tensor) -> None:
         a_w, off = attn.fused_qkv_a_proj_with_mqa.weight, attn.q_lora_rank
     else:
         a_w, off = attn.kv_a_proj_with_mqa.weight, 0
-    if a_w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    if a_w.dtype not in floats or attn.kv_b_proj.weight.dtype not in floats:
         raise RuntimeError(
-            f"TPLA cannot fold a transform into a {a_w.dtype} kv_a_proj; convert the checkpoint first "
-            "(python -m sglang_tpla.convert) or use transform 'none'."
+            f"TPLA cannot fold a transform into quantized MLA projections ({a_w.dtype}, {attn.kv_b_proj.weight.dtype}); "
+            "serve an unquantized (bf16/fp16/fp32) checkpoint or use transform 'none'."
         )
     rows = a_w.data[off : off + r + attn.qk_rope_head_dim]
     a, ln, b = fold_layer(rows, attn.kv_a_layernorm.weight.data, attn.kv_b_proj.weight.data, rotation)
@@ -79,7 +81,7 @@ def _fold(attn, rotation: torch.Tensor) -> None:
     attn.kv_b_proj.weight.data.copy_(b)
 
 
-def _layer_weights(attn, rt: TPLARuntime) -> TPLALayerWeights:
+def _layer_weights(attn, rt: TPLARuntime, mu: float | None) -> TPLALayerWeights:
     s = rt.slice
     nope, rope, vdim = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
     q_mod = attn.q_b_proj if hasattr(attn, "q_b_proj") else attn.q_proj
@@ -89,15 +91,34 @@ def _layer_weights(attn, rt: TPLARuntime) -> TPLALayerWeights:
     heads = slice(s.head_start, s.head_end)
     lat = slice(s.latent_start, s.latent_end)
     w_k, w_v = kvb[heads].split([nope, vdim], dim=1)
+    w_kc = w_k[:, :, lat].contiguous()
+    if mu is not None:  # mu_j scales only the latent logit: fold it into this group's W_UK columns
+        w_kc = (w_kc.float() * mu).to(w_kc.dtype)
     return TPLALayerWeights(
         q_weight=q_full[heads].flatten(0, 1).contiguous(),
-        w_kc=w_k[:, :, lat].contiguous(),
+        w_kc=w_kc,
         w_vc=w_v[:, :, lat].transpose(1, 2).contiguous(),
         o_weight=o_full[:, s.head_start * vdim : s.head_end * vdim].contiguous(),
         num_heads=s.num_heads,
         latent_start=s.latent_start,
         latent_end=s.latent_end,
         runtime=rt,
+    )
+
+
+def _latent_rows(attn) -> torch.Tensor:
+    if hasattr(attn, "fused_qkv_a_proj_with_mqa"):
+        return attn.fused_qkv_a_proj_with_mqa.weight.data[attn.q_lora_rank : attn.q_lora_rank + attn.kv_lora_rank]
+    return attn.kv_a_proj_with_mqa.weight.data[: attn.kv_lora_rank]
+
+
+def model_identity(model, layers) -> ModelIdentity:
+    cfg = model.config
+    return ModelIdentity(
+        architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
+        kv_lora_rank=cfg.kv_lora_rank,
+        num_layers=cfg.num_hidden_layers,
+        weights_hash=weights_hash([_latent_rows(a) for a in layers]),
     )
 
 
@@ -108,22 +129,34 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
         return orig(self, is_nextn=is_nextn, weight_names=weight_names)
     if weight_names is not None:
         raise RuntimeError("TPLA does not support partial weight reloads (update_weights); restart the server instead.")
+    if self.model.start_layer != 0 or self.model.end_layer != self.config.num_hidden_layers:
+        raise RuntimeError("TPLA does not support pipeline parallelism yet; run with --pp-size 1.")
     layers = [self.model.layers[i].self_attn for i in range(self.model.start_layer, self.model.end_layer)]
-    cfg = rt.config
+    cfg, g, r = rt.config, rt.layout.g, layers[0].kv_lora_rank
+    calib = None
     if cfg.transform == "pca":
-        raise RuntimeError(
-            "TPLA transform 'pca' needs a calibration file produced by `python -m sglang_tpla.calibrate`, "
-            "which this version does not ship yet; use transform 'hadamard' or 'none'."
-        )
-    rotation = make_rotation(cfg.transform, layers[0].kv_lora_rank, seed=cfg.seed) if cfg.transform != "none" else None
-    for attn in layers:
-        if rotation is not None and not getattr(attn, "_tpla_folded", False):
-            _fold(attn, rotation)
+        calib = Calibration.load(cfg.calibration, expect=model_identity(self, layers))
+        rotations = calib.rotations
+    elif cfg.transform == "hadamard":
+        rotations = [make_rotation("hadamard", r, seed=cfg.seed)] * len(layers)
+    else:
+        rotations = [None] * len(layers)
+    for attn, u in zip(layers, rotations):
+        if u is not None and not getattr(attn, "_tpla_folded", False):
+            _fold(attn, u)
             attn._tpla_folded = True
     result = orig(self, is_nextn=is_nextn, weight_names=weight_names)
-    for attn in layers:
-        attn.tpla = _layer_weights(attn, rt)
-    logger.info("TPLA: folded transform %s into %d layers and built per-rank decode weights", cfg.fingerprint(), len(layers))
+    group = rt.slice.group
+    for i, attn in enumerate(layers):
+        mu = None
+        if cfg.mu == "inv_p" and g > 1:
+            p = float(calib.energy_fractions(i, g)[group]) if calib is not None else 1.0 / g
+            mu = 1.0 / p
+        attn.tpla = _layer_weights(attn, rt, mu)
+    logger.info(
+        "TPLA: folded transform %s into %d layers and built per-rank decode weights (mu=%s)",
+        cfg.fingerprint(), len(layers), cfg.mu,
+    )
     return result
 
 
