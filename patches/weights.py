@@ -127,11 +127,11 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
     rt = runtime_for(self.config)
     if rt is None or is_nextn:
         return orig(self, is_nextn=is_nextn, weight_names=weight_names)
-    if weight_names is not None:
-        raise RuntimeError("TPLA does not support partial weight reloads (update_weights); restart the server instead.")
     if self.model.start_layer != 0 or self.model.end_layer != self.config.num_hidden_layers:
         raise RuntimeError("TPLA does not support pipeline parallelism yet; run with --pp-size 1.")
     layers = [self.model.layers[i].self_attn for i in range(self.model.start_layer, self.model.end_layer)]
+    if any(getattr(a, "tpla", None) is not None for a in layers):
+        raise RuntimeError("TPLA does not support reloading weights into a running server (update_weights); restart it.")
     cfg, g, r = rt.config, rt.layout.g, layers[0].kv_lora_rank
     calib = None
     if cfg.transform == "pca":
@@ -142,9 +142,8 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
     else:
         rotations = [None] * len(layers)
     for attn, u in zip(layers, rotations):
-        if u is not None and not getattr(attn, "_tpla_folded", False):
+        if u is not None:
             _fold(attn, u)
-            attn._tpla_folded = True
     result = orig(self, is_nextn=is_nextn, weight_names=weight_names)
     group = rt.slice.group
     for i, attn in enumerate(layers):

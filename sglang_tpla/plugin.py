@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 # One module per SGLang area; each exposes install().
 HOOK_MODULES = (
+    "sglang_tpla.patches.cpu_platform",
     "sglang_tpla.patches.attention_backend",
     "sglang_tpla.patches.kv_pool",
     "sglang_tpla.patches.weights",
