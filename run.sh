@@ -30,6 +30,9 @@ else
 fi
 # (Re)install this clone editable: cheap, and points the environment at this checkout.
 "$venv/bin/python" -m pip install --no-deps --no-build-isolation -q -e "$here" >&2
+# setuptools leaves <name>.egg-info in the clone; processes started from the clone would read
+# its (possibly stale) entry points instead of the installed ones.
+rm -rf "$here"/*.egg-info
 export PATH="$venv/bin:$PATH"
 cd "$here"
 case "$cmd" in

@@ -144,3 +144,42 @@ def load_model(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for f in sorted(path.glob("*.safetensors")):
         sd.update(load_file(str(f)))
     return cfg, sd
+
+
+def save_tokenizer(path: str | Path, vocab_size: int) -> Path:
+    """A small local word-level tokenizer (``tokenizer.json`` + config) for a tiny model dir.
+
+    Token ids: 0 ``<s>``, 1 ``</s>``, 2 ``<unk>``, 3 ``<pad>``, then words ``w4`` .. so that
+    any id below ``vocab_size`` decodes; ``transformers.AutoTokenizer`` loads it offline.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    path = Path(path)
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "<pad>": 3}
+    vocab.update({f"w{i}": i for i in range(4, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "model_max_length": 4096,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return path
+
+
+def build_tiny_model_dir(path: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Config + fp32 random weights + tokenizer: a complete tiny model directory."""
+    cfg = tiny_config(**config_overrides)
+    save_model(path, cfg, random_state_dict(cfg, seed=seed))
+    return save_tokenizer(path, cfg["vocab_size"])

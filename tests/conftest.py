@@ -20,3 +20,9 @@ def tiny_sd(tiny_cfg):
     from sglang_tpla.tiny_model import random_state_dict
 
     return random_state_dict(tiny_cfg, seed=1)
+
+# helper modules next to the tests (serving_utils.py) import by plain name
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))

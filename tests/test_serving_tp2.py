@@ -1,0 +1,95 @@
+"""Real SGLang servers on CPU at TP=2: TPLA g=2 against the fp32 reference, exact prefill,
+KV capacity, and SGLang's own serving benchmark."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from sglang_tpla.reference_model import AttentionMode
+from sglang_tpla.serving import ServerProcess
+
+from serving_utils import BUDGET, FP32, NEW_TOKENS, PROMPTS, reference, served_vs_reference, tiny_model
+
+pytestmark = pytest.mark.slow
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model(tmp_path_factory, seed=2)
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("logs")
+
+
+def _tpla(model_dir, logs, transform):
+    return ServerProcess(
+        model_dir, tp=2, env=BUDGET, log_path=logs / f"tpla-{transform}.log", name=f"tpla-tp2-{transform}",
+        args=FP32 + ["--decode-attention-backend", "tpla", "--json-model-override-args", f'{{"tpla": {{"g": 2, "transform": "{transform}"}}}}'],
+    )
+
+
+@pytest.fixture(scope="module")
+def mla_and_hadamard(model_dir, logs):
+    mla = ServerProcess(model_dir, tp=2, env=BUDGET, args=FP32, log_path=logs / "mla.log", name="mla-tp2")
+    had = _tpla(model_dir, logs, "hadamard")
+    mla.start(), had.start()
+    try:
+        yield mla.wait_ready(), had.wait_ready()
+    finally:
+        mla.stop(), had.stop()
+
+
+def test_tpla_hadamard_matches_fp32_reference_with_prefix_reuse(mla_and_hadamard, model_dir):
+    _, had = mla_and_hadamard
+    rows = served_vs_reference(had, reference(model_dir, "hadamard", seed=0), AttentionMode("pd_sep", g=2))
+    print("hadamard (cached, tokens equal, max|dlogprob|):", rows)
+    assert rows[1][0] >= 6, "second prompt should reuse the cached prefix (exact extend over the sliced pool)"
+    for cached, equal, diff in rows:
+        assert equal and diff < 1e-4, rows
+
+
+def test_first_token_is_exact_mla_and_decode_is_not(mla_and_hadamard):
+    mla, had = mla_and_hadamard
+    differs = 0.0
+    for prompt in PROMPTS:
+        t_mla, lp_mla, _ = mla.generate(prompt, NEW_TOKENS)
+        t_tpla, lp_tpla, _ = had.generate(prompt, NEW_TOKENS)
+        assert t_tpla[0] == t_mla[0] and abs(lp_tpla[0] - lp_mla[0]) < 1e-4  # prefill is exact MLA
+        differs = max(differs, max(abs(a - b) for a, b in zip(lp_mla[1:], lp_tpla[1:])))
+    print(f"TPLA g=2 decode vs MLA: max |dlogprob| {differs:.3e}")
+    assert differs > 1e-3  # decode is TPLA, an approximation
+
+
+def test_kv_capacity_at_same_budget(mla_and_hadamard):
+    mla, had = mla_and_hadamard
+    n_mla, n_tpla = mla.max_total_num_tokens(), had.max_total_num_tokens()
+    print(f"max_total_num_tokens at the same budget: MLA {n_mla}, TPLA g=2 {n_tpla} ({n_tpla / n_mla:.3f}x)")
+    assert n_tpla >= 0.98 * 576 / 320 * n_mla
+
+
+def test_sglang_serving_benchmark_has_no_failures(mla_and_hadamard, model_dir):
+    _, had = mla_and_hadamard
+    r = subprocess.run(
+        [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--base-url", had.url,
+         "--dataset-name", "random-ids", "--tokenizer", str(model_dir), "--num-prompts", "12",
+         "--random-input-len", "48", "--random-output-len", "12", "--random-range-ratio", "0.5",
+         "--max-concurrency", "4", "--seed", "1"],
+        capture_output=True, text=True, timeout=900, env=had.env,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    ok = re.search(r"Successful requests:\s+(\d+)", out)
+    assert ok and int(ok.group(1)) == 12, out[-3000:]
+    failed = re.search(r"Failed requests:\s+(\d+)", out)
+    assert failed is None or int(failed.group(1)) == 0
+
+
+def test_tpla_identity_transform_matches_fp32_reference(model_dir, logs):
+    with _tpla(model_dir, logs, "none") as srv:
+        rows = served_vs_reference(srv, reference(model_dir, "none"), AttentionMode("pd_sep", g=2))
+    print("identity (cached, tokens equal, max|dlogprob|):", rows)
+    for cached, equal, diff in rows:
+        assert equal and diff < 1e-4, rows
