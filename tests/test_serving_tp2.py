@@ -70,14 +70,14 @@ def test_kv_capacity_at_same_budget(mla_and_hadamard):
     assert n_tpla >= 0.98 * 576 / 320 * n_mla
 
 
-def test_sglang_serving_benchmark_has_no_failures(mla_and_hadamard, model_dir):
+def test_sglang_serving_benchmark_has_no_failures(mla_and_hadamard, model_dir, tmp_path):
     _, had = mla_and_hadamard
     r = subprocess.run(
         [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--base-url", had.url,
          "--dataset-name", "random-ids", "--tokenizer", str(model_dir), "--num-prompts", "12",
          "--random-input-len", "48", "--random-output-len", "12", "--random-range-ratio", "0.5",
          "--max-concurrency", "4", "--seed", "1"],
-        capture_output=True, text=True, timeout=900, env=had.env,
+        capture_output=True, text=True, timeout=900, env=had.env, cwd=tmp_path,  # it writes a result file
     )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
