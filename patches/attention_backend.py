@@ -24,7 +24,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_tpla.reference import latent_attention
 
-from .runtime import BACKEND_NAME
+from .runtime import BACKEND_NAME, runtime_for
 
 logger = logging.getLogger("sglang_tpla")
 
@@ -46,6 +46,7 @@ def choose_implementation(device: torch.device) -> tuple[str, str]:
 class TPLAAttnBackend(AttentionBackend):
     def __init__(self, model_runner):
         super().__init__()
+        self.runtime = runtime_for(model_runner.model_config.hf_config)  # validates: refuses non-MLA models
         self.device = torch.device(model_runner.device)
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
