@@ -49,7 +49,7 @@ def test_wheel_ships_kernels_and_patches_under_sglang_tpla(tmp_path):
 
 
 def test_main_job_prints_kv_table_and_tiny_comparison():
-    r = subprocess.run([sys.executable, "-m", "sglang_tpla", "--decode-len", "8"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "sglang_tpla", "--skip-serving", "--decode-len", "8"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     # DeepSeek-V3: 61 layers x 576 x 2 B = 70,272 B (MLA); g=2: 61 x 320 x 2 = 39,040 B

@@ -1,4 +1,5 @@
-"""Bad TPLA settings are refused when the real server starts, with a message that names the fix."""
+"""Bad TPLA settings are refused when the real server starts, with a message that names the fix;
+and dummy weights (``--load-format dummy``) still get the TPLA fold and re-slicing."""
 
 import pytest
 
@@ -35,12 +36,17 @@ def test_bad_settings_refused_at_start(tmp_path_factory):
         name: ServerProcess(path, tp=tp, env=BUDGET, args=FP32 + TPLA + extra, log_path=logs / f"{name}.log", name=name).start()
         for name, (path, tp, extra, _) in cases.items()
     }
+    dummy = ServerProcess(model, tp=2, env=BUDGET, args=FP32 + TPLA + ["--load-format", "dummy"], log_path=logs / "dummy.log", name="dummy")
     try:
+        with dummy:
+            toks, _, _ = dummy.generate([5, 6, 7], 4)
+            assert len(toks) == 4
+            assert dummy.log_text().count("TPLA: folded transform hadamard:seed=0 into 2 layers") == 2  # both ranks
         for name, (_, _, _, needle) in cases.items():
             code = servers[name].wait_exit(timeout=600)
             log = servers[name].log_text()
             assert code != 0, f"{name}: server started although it should have been refused"
             assert needle in log, f"{name}: expected {needle!r} in:\n{servers[name].log_tail()}"
     finally:
-        for s in servers.values():
+        for s in [*servers.values(), dummy]:
             s.stop()
