@@ -134,7 +134,19 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
         raise RuntimeError("TPLA does not support reloading weights into a running server (update_weights); restart it.")
     cfg, g, r = rt.config, rt.layout.g, layers[0].kv_lora_rank
     calib = None
-    if cfg.transform == "pca":
+    converted = getattr(self.config, "tpla_transform", None)  # written by `python -m sglang_tpla.convert`
+    if converted:
+        if converted.get("fingerprint") != cfg.fingerprint():
+            raise RuntimeError(
+                f"TPLA: this checkpoint was converted with transform {converted.get('fingerprint')!r}, but the server is "
+                f"configured for {cfg.fingerprint()!r}; set the same transform (and seed / calibration file) or serve "
+                "the unconverted checkpoint."
+            )
+        if cfg.transform == "pca":  # the latent rows are already rotated: the identity check no longer applies
+            calib = Calibration.load(cfg.calibration)
+        rotations = [None] * len(layers)  # already folded into the checkpoint
+        logger.info("TPLA: checkpoint already converted (%s); not folding again", converted.get("fingerprint"))
+    elif cfg.transform == "pca":
         calib = Calibration.load(cfg.calibration, expect=model_identity(self, layers))
         rotations = calib.rotations
     elif cfg.transform == "hadamard":

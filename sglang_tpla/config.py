@@ -49,12 +49,25 @@ class TPLAConfig:
         return attn_tp_size if self.g is None else self.g
 
     def fingerprint(self) -> str:
-        """What a prefill node and a decode node must agree on (the latent basis)."""
+        """What a prefill node and a decode node must agree on (the latent basis).
+
+        PCA is identified by the content of its calibration file, not its name.
+        """
         if self.transform == "hadamard":
             return f"hadamard:seed={self.seed}"
         if self.transform == "pca":
-            return f"pca:{Path(self.calibration).name if self.calibration else '?'}"
+            return f"pca:sha256={file_sha256(self.calibration)[:16] if self.calibration else '?'}"
         return self.transform
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def from_sources(json_opts: dict | None = None, environ: dict | None = None) -> TPLAConfig:
