@@ -1,0 +1,1 @@
+"""Benchmarks (timed side by side in one run)."""
