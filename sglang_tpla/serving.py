@@ -33,6 +33,12 @@ def free_port() -> int:
 
 def default_env() -> dict:
     env = dict(os.environ)
+    # The servers import the same sglang_tpla checkout as this process, whatever checkout the
+    # environment's editable install points at.
+    import sglang_tpla
+
+    here = str(Path(sglang_tpla.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("SGLANG_HOST_IP", "127.0.0.1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
