@@ -1,0 +1,285 @@
+"""Helper script (no tests here) that runs Triton work in a process of its own.
+
+Triton decides at import time whether it interprets (``TRITON_INTERPRET=1``), and pytest runs every
+test module in one process, where sglang (hence triton) may already be imported.  So the tests
+spawn this script:
+
+* ``python tests/triton_runner.py interpret`` (with ``TRITON_INTERPRET=1``): reads a JSON list of
+  decode cases on stdin, runs ``sglang_tpla.kernels.tpla_decode`` under the interpreter and the fp32
+  reference (``sglang_tpla.reference.latent_attention`` per request), prints one JSON line of results.
+* ``python tests/triton_runner.py aot`` (without ``TRITON_INTERPRET``): reads a JSON list of compile
+  jobs, AOT-compiles them for sm_90 (``GPUTarget("cuda", 90, 32)``, no GPU needed), prints one JSON
+  line with shared memory, wgmma use and ptxas register/spill counts per job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+RESULT_PREFIX = "TRITON_RUNNER_RESULT "
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spawn(mode: str, jobs: list, timeout: float = 600.0, workers: int = 1) -> dict:
+    """Run this script in fresh interpreters (``TRITON_INTERPRET=1`` only for ``interpret``), the
+    jobs dealt round-robin over ``workers`` concurrent processes, and return the merged payload
+    ``{"module": <kernel file>, "results": [...] (in job order), "wall_s": ...}``."""
+    import subprocess
+    import tempfile
+
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if mode == "interpret":
+        env["TRITON_INTERPRET"] = "1"
+    workers = max(1, min(workers, len(jobs)))
+    t0 = time.time()
+    outs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        try:
+            for w in range(workers):
+                files = [open(os.path.join(tmp, f"{w}.{k}"), "w+") for k in ("in", "out", "err")]
+                json.dump(jobs[w::workers], files[0])
+                files[0].seek(0)
+                p = subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), mode],
+                    stdin=files[0], stdout=files[1], stderr=files[2], text=True, env=env, cwd=REPO_ROOT,
+                )  # fmt: skip
+                procs.append((p, files))
+            for p, files in procs:
+                p.wait(timeout=max(1.0, timeout - (time.time() - t0)))
+                files[1].seek(0)
+                files[2].seek(0)
+                outs.append((p.returncode, files[1].read(), files[2].read()))
+        finally:
+            for p, files in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                for f in files:
+                    f.close()
+    payloads = []
+    for rc, stdout, stderr in outs:
+        lines = [l for l in stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+        if rc or not lines:
+            raise RuntimeError(
+                f"triton_runner {mode} failed (rc={rc})\n--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-8000:]}"
+            )
+        payloads.append(json.loads(lines[-1][len(RESULT_PREFIX) :]))
+    if len({p["module"] for p in payloads}) != 1:
+        raise RuntimeError(f"workers imported different kernel files: {[p['module'] for p in payloads]}")
+    results = [None] * len(jobs)
+    for w, p in enumerate(payloads):
+        results[w::workers] = p["results"]
+    return {"module": payloads[0]["module"], "results": results, "wall_s": round(time.time() - t0, 1)}
+
+
+def _dtype(name):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+# --------------------------------------------------------------------------- interpreter cases
+
+
+def build_problem(case):
+    """Queries and a paged latent cache (random page placement) in SGLang's addressing."""
+    import torch
+
+    from sglang_tpla.reference import PagedLatentCache
+
+    gen = torch.Generator().manual_seed(case.get("seed", 0))
+    d, h, lens, ps = case["d"], case["h"], list(case["lens"]), case.get("page_size", 1)
+    dt = _dtype(case["dtype"])
+    b = len(lens)
+    pages = [math.ceil(n / ps) for n in lens]
+    total_pages = sum(pages) + 3
+    order = torch.randperm(total_pages, generator=gen)
+    slots = total_pages * ps
+    req_to_token = torch.zeros(b + 1, max(lens + [1]) + 2, dtype=torch.int32)
+    req_pool = torch.randperm(b + 1, generator=gen)[:b]
+    nxt = 0
+    for i, n in enumerate(lens):
+        for pos in range(n):
+            req_to_token[req_pool[i], pos] = int(order[nxt + pos // ps]) * ps + pos % ps
+        nxt += pages[i]
+    if case.get("layout", "rowbuf") == "rowbuf":  # two column views of one [slots, D + 64] buffer
+        buf = torch.randn(slots, d + 64, generator=gen).to(dt)
+        ckv, kpe = buf[:, :d], buf[:, d:]
+    else:  # separate buffers, kpe a view with a different row stride
+        ckv = torch.randn(slots, d, generator=gen).to(dt)
+        kbuf = torch.randn(slots, 96, generator=gen).to(dt)
+        kpe = kbuf[:, 16:80]
+    cache = PagedLatentCache(ckv, kpe, req_to_token, req_pool, torch.tensor(lens))
+    q_lat = torch.randn(b, h, d, generator=gen).to(dt)
+    q_pe = torch.randn(b, h, 64, generator=gen).to(dt)
+    return q_lat, q_pe, cache
+
+
+def reference_decode(q_lat, q_pe, ckv, kpe, kv_indptr, kv_indices, sm_scale, mu):
+    """fp32 reference per request over kv_indptr / kv_indices: output [B, H, D] and natural LSE [B, H]."""
+    import torch
+
+    from sglang_tpla.reference import latent_attention
+
+    b, h, d = q_lat.shape
+    out = torch.zeros(b, h, d)
+    lse = torch.full((b, h), float("-inf"))
+    for i in range(b):
+        idx = kv_indices[int(kv_indptr[i]) : int(kv_indptr[i + 1])].long()
+        c, k = ckv[idx].float(), kpe[idx].float()
+        ql, qp = q_lat[i : i + 1].float(), q_pe[i : i + 1].float()
+        out[i] = latent_attention(ql, qp, c, k, sm_scale, mu)[0]
+        if idx.numel():
+            logits = sm_scale * ((1.0 if mu is None else mu) * ql[0] @ c.T + qp[0] @ k.T)
+            lse[i] = torch.logsumexp(logits, -1)
+    return out, lse
+
+
+def run_case(case):
+    import torch
+
+    from sglang_tpla.kernels import tpla_decode as K
+
+    q_lat, q_pe, cache = build_problem(case)
+    kv_indptr, kv_indices = cache.kv_indptr_indices()
+    sm_scale = case.get("scale_mult", 1.0) / math.sqrt(192)
+    mu = case.get("mu")
+    cfg = K.TPLADecodeConfig(*case["config"]) if case.get("config") else None
+    b, h, d = q_lat.shape
+    out = sentinel = None
+    if case.get("out") == "view_fp32":  # out is a head-slice of a bigger fp32 tensor full of sentinels
+        sentinel = torch.full((b, h + 5, d), 123.0)
+        out = sentinel[:, 2 : h + 2]
+    want_lse = case.get("lse", True)
+    t0 = time.time()
+    res = K.tpla_decode_attention(
+        q_lat, q_pe, cache.ckv, cache.kpe, kv_indptr, kv_indices, sm_scale, mu,
+        num_kv_splits=case.get("splits"), out=out, max_seq_len=case.get("max_seq_len"), config=cfg,
+        dot_fp32=case.get("dot_fp32"), return_lse=want_lse,
+    )  # fmt: skip
+    seconds = time.time() - t0
+    ref, ref_lse = reference_decode(q_lat, q_pe, cache.ckv, cache.kpe, kv_indptr, kv_indices, sm_scale, mu)
+    if want_lse:
+        res, lse = res
+    else:
+        lse = ref_lse  # not asked for: the LSE checks below pass trivially
+    err = (res.float() - ref).abs()
+    atol, rtol = case["atol"], case["rtol"]
+    finite = torch.isfinite(ref_lse)
+    lens = case["lens"]
+    empty = torch.tensor([n == 0 for n in lens])
+    used_cfg = cfg or K.choose_config(d, h, q_lat.dtype)
+    return {
+        "name": case["name"],
+        "seconds": round(seconds, 3),
+        "out_dtype": str(res.dtype),
+        "expected_out_dtype": str(torch.float32 if out is not None else q_lat.dtype),
+        "max_abs_err": err.max().item() if err.numel() else 0.0,
+        "n_bad": int((err > atol + rtol * ref.abs()).sum()),
+        "lse_max_err": (lse[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0,
+        "lse_empty_ok": bool(torch.isneginf(lse[empty]).all()) and bool(torch.isfinite(lse[~empty]).all()),
+        "empty_zero": bool((res[empty] == 0).all()),
+        "sentinel_ok": None
+        if sentinel is None
+        else bool((sentinel[:, :2] == 123).all() and (sentinel[:, h + 2 :] == 123).all()),
+        "out_is_given": None if out is None else res.data_ptr() == out.data_ptr(),
+        "block_h": used_cfg.block_h,
+        "head_blocks": -(-h // used_cfg.block_h),
+    }
+
+
+# --------------------------------------------------------------------------- AOT compile jobs
+
+
+def _parse_ptxas_log(log: str):
+    import re
+
+    regs = re.search(r"Used (\d+) registers", log)
+    if regs is None:
+        return None
+    return int(regs.group(1)), sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
+
+
+def _ptxas_usage(ptx: str):
+    """Registers and spill bytes from ``ptxas -v`` with the flags Triton itself uses for sm_90a."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(90).path, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", src, "-o", src + ".o"]
+        return _parse_ptxas_log(subprocess.run(cmd, capture_output=True, text=True, check=True).stderr)
+
+
+def run_aot(job):
+    import contextlib
+    import io
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from sglang_tpla.kernels import tpla_decode as K
+
+    t0 = time.time()
+    if job["stage"] == 1:
+        cfg = K.TPLADecodeConfig(*job["config"])
+        src = K.stage1_aot_source(job["d"], _dtype(job["dtype"]), cfg, out_dtype=_dtype(job.get("out", "fp32")))
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    else:
+        src = K.stage2_aot_source(job["d"], _dtype(job["dtype"]), K.MAX_KV_SPLITS, store_lse=True)
+        opts = {"num_warps": 4, "num_stages": 1}
+    # Triton's own ptxas run already uses -v; print its log (captured here) instead of running ptxas
+    # twice.  A Triton cache hit skips ptxas, so fall back to a separate run then.
+    triton.knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    ptx = compiled.asm["ptx"]
+    regs, spill = _parse_ptxas_log(log.getvalue()) or _ptxas_usage(ptx)
+    return dict(
+        job,
+        shared=int(compiled.metadata.shared),
+        wgmma="wgmma.mma_async" in ptx,
+        mma_sync="mma.sync" in ptx,
+        regs=regs,
+        spill_bytes=spill,
+        seconds=round(time.time() - t0, 2),
+    )
+
+
+def main():
+    # Import the checkout this file belongs to (an editable install may point at another clone).
+    sys.path.insert(0, REPO_ROOT)
+    mode = sys.argv[1]
+    jobs = json.load(sys.stdin)
+    if mode == "interpret":
+        if os.environ.get("TRITON_INTERPRET") != "1" or "triton" in sys.modules:
+            raise SystemExit("interpret mode needs TRITON_INTERPRET=1 set before triton is imported")
+        import torch
+
+        torch.set_num_threads(1)
+        results = [run_case(c) for c in jobs]
+    elif mode == "aot":
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            raise SystemExit("aot mode must run without TRITON_INTERPRET")
+        results = [run_aot(j) for j in jobs]
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    from sglang_tpla.kernels import tpla_decode
+
+    payload = {"module": os.path.realpath(tpla_decode.__file__), "results": results}
+    print(RESULT_PREFIX + json.dumps(payload), flush=True)
+
+
+if __name__ == "__main__":
+    main()
