@@ -22,6 +22,8 @@ import torch
 from .transforms import pca, pca_energy_fractions
 
 FORMAT = "sglang-tpla-calibration/1"
+# How a user gets a file today (the calibration CLI through SGLang is not written yet).
+CALIBRATE_HINT = "build one on this model's weights with sglang_tpla.calibration.Calibration.from_moments(...).save(FILE)"
 
 
 class CalibrationError(ValueError):
@@ -105,18 +107,17 @@ class Calibration:
         path = Path(path)
         if not path.is_file():
             raise CalibrationError(
-                f"TPLA calibration file {str(path)!r} does not exist; create it with "
-                "`python -m sglang_tpla.calibrate --model-path M --data FILE --out FILE` or fix the path."
+                f"TPLA calibration file {str(path)!r} does not exist; fix the path or {CALIBRATE_HINT}."
             )
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             payload, digest = blob["payload"], blob["sha256"]
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise CalibrationError(f"{path} is not a TPLA calibration file ({e}); recreate it with sglang_tpla.calibrate") from None
+            raise CalibrationError(f"{path} is not a TPLA calibration file ({e}); {CALIBRATE_HINT}") from None
         if payload.get("format") != FORMAT:
             raise CalibrationError(f"{path} has format {payload.get('format')!r}, expected {FORMAT!r}; recreate it")
         if cls._checksum(payload) != digest:
-            raise CalibrationError(f"{path} is corrupted (checksum mismatch); recreate it with sglang_tpla.calibrate")
+            raise CalibrationError(f"{path} is corrupted (checksum mismatch); {CALIBRATE_HINT}")
         ident = ModelIdentity(**payload["identity"])
         if expect is not None:
             fields = ("architecture", "kv_lora_rank", "num_layers", "weights_hash")
@@ -124,6 +125,6 @@ class Calibration:
             if diff:
                 raise CalibrationError(
                     f"{path} was calibrated for {ident.describe()}, but the served model is {expect.describe()} "
-                    f"(differs in {', '.join(diff)}); run sglang_tpla.calibrate on this model."
+                    f"(differs in {', '.join(diff)}); {CALIBRATE_HINT}."
                 )
         return cls(ident, payload["num_tokens"], payload["second_moments"], payload["rotations"], payload["eigenvalues"])

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .calibration import CALIBRATE_HINT
 from .layout import TPLALayout, check_layout
 from .transforms import TRANSFORM_KINDS
 
@@ -113,12 +114,11 @@ def validate_for_model(cfg: TPLAConfig, hf_config, attn_tp_size: int) -> TPLALay
     if cfg.transform == "pca":
         if not cfg.calibration:
             raise TPLAConfigError(
-                "TPLA transform 'pca' needs a calibration file: run `python -m sglang_tpla.calibrate ... --out FILE` "
-                'and pass {"tpla": {"transform": "pca", "calibration": "FILE"}} (or SGLANG_TPLA_CALIBRATION=FILE).'
+                f"TPLA transform 'pca' needs a calibration file ({CALIBRATE_HINT}); pass "
+                '{"tpla": {"transform": "pca", "calibration": "FILE"}} (or SGLANG_TPLA_CALIBRATION=FILE).'
             )
         if not Path(cfg.calibration).is_file():
             raise TPLAConfigError(
-                f"TPLA calibration file {cfg.calibration!r} does not exist; run `python -m sglang_tpla.calibrate` "
-                "to create it or fix the path."
+                f"TPLA calibration file {cfg.calibration!r} does not exist; fix the path or {CALIBRATE_HINT}."
             )
     return TPLALayout(attn_tp_size, g, hf_config.num_attention_heads, kv_lora_rank, hf_config.qk_rope_head_dim)

@@ -412,7 +412,7 @@ def convert(
     if mtp not in ("fold", "keep"):
         raise ConvertError(f"--mtp must be 'fold' or 'keep', got {mtp!r}")
     if transform == "pca" and not calibration:
-        raise ConvertError("--transform pca needs --calibration FILE (made by `python -m sglang_tpla.calibrate` on this checkpoint)")
+        raise ConvertError("--transform pca needs --calibration FILE, made on this checkpoint's weights (see sglang_tpla.calibration)")
     if transform == "hadamard" and calibration:
         raise ConvertError("--calibration is only used by --transform pca; drop it or use --transform pca")
     _check_paths(src, dst, overwrite)
