@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sglang_tpla.config import TPLAConfig, from_sources, validate_for_model
+from sglang_tpla.config import TPLAConfig, check_server_compat, from_sources, validate_for_model
 from sglang_tpla.layout import RankSlice, TPLALayout
 
 logger = logging.getLogger("sglang_tpla")
@@ -47,8 +47,13 @@ def runtime_for(hf_config) -> TPLARuntime | None:
     rt = None
     opts = getattr(hf_config, "tpla", None)
     if tpla_requested():
-        from sglang.srt.runtime_context import get_parallel
+        from sglang.srt.runtime_context import get_parallel, get_server_args
 
+        args = get_server_args()
+        check_server_compat(
+            getattr(args, "attn_dp_size", 1), getattr(args, "dcp_size", 1), getattr(args, "pp_size", 1),
+            getattr(args, "speculative_algorithm", None),
+        )
         par = get_parallel()
         cfg = from_sources(opts)
         layout = validate_for_model(cfg, hf_config, par.attn_tp_size)

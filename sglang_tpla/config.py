@@ -122,3 +122,21 @@ def validate_for_model(cfg: TPLAConfig, hf_config, attn_tp_size: int) -> TPLALay
                 f"TPLA calibration file {cfg.calibration!r} does not exist; fix the path or {CALIBRATE_HINT}."
             )
     return TPLALayout(attn_tp_size, g, hf_config.num_attention_heads, kv_lora_rank, hf_config.qk_rope_head_dim)
+
+
+def check_server_compat(attn_dp_size: int = 1, dcp_size: int = 1, pp_size: int = 1, speculative_algorithm=None) -> None:
+    """Refuse SGLang features the TPLA decode path does not support (fail closed at start)."""
+    problems = []
+    if (attn_dp_size or 1) > 1:
+        problems.append(f"DP attention (--attn-dp-size {attn_dp_size})")
+    if (dcp_size or 1) > 1:
+        problems.append(f"decode context parallelism (--dcp-size {dcp_size})")
+    if (pp_size or 1) > 1:
+        problems.append(f"pipeline parallelism (--pp-size {pp_size})")
+    if speculative_algorithm:
+        problems.append(f"speculative decoding (--speculative-algorithm {speculative_algorithm})")
+    if problems:
+        raise TPLAConfigError(
+            "TPLA (--decode-attention-backend tpla) does not support " + ", ".join(problems)
+            + "; drop those flags or serve without TPLA."
+        )

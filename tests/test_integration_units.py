@@ -37,6 +37,21 @@ def test_bad_settings_are_refused_with_the_fix(opts, tp, hf, needle):
         validate_for_model(from_sources(opts, {}), hf, tp)
 
 
+def test_unsupported_sglang_features_are_refused():
+    from sglang_tpla.config import check_server_compat
+
+    check_server_compat()  # plain TP is fine
+    for kwargs, needle in (
+        (dict(attn_dp_size=2), "DP attention (--attn-dp-size 2)"),
+        (dict(dcp_size=4), "--dcp-size 4"),
+        (dict(pp_size=2), "--pp-size 2"),
+        (dict(speculative_algorithm="EAGLE"), "speculative decoding"),
+    ):
+        with pytest.raises(TPLAConfigError, match="does not support") as e:
+            check_server_compat(**kwargs)
+        assert needle in str(e.value)
+
+
 def test_launcher_translates_flags_and_keeps_the_rest():
     out = translate(["--model-path", "M", "--tp", "2", "--enable-tpla", "--tpla-g", "2", "--tpla-transform", "none",
                      "--json-model-override-args", '{"rope_theta": 5}'])
