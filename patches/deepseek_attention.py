@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from sglang_tpla.reference import latent_attention
+
 _MLA_CLS = "sglang.srt.models.deepseek_v2.DeepseekV2AttentionMLA"
 _MIXIN = "sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla.DeepseekMLAForwardMixin"
 HOOK_TARGETS = (
@@ -114,6 +116,17 @@ def _gather_prefix(pool, layer_id, slots, rt):
     return lat, rows[:, d:]
 
 
+def _prefix_slots(backend, forward_batch, prefix_lens) -> torch.Tensor:
+    """The cached-prefix token slots of the whole batch, computed once per forward (not per layer)."""
+    slots = getattr(forward_batch, "_tpla_prefix_slots", None)
+    if slots is None:
+        r2t = backend.req_to_token_pool.req_to_token
+        rows = forward_batch.req_pool_indices.tolist()
+        slots = torch.cat([r2t[r, :p].long() for r, p in zip(rows, prefix_lens)])
+        forward_batch._tpla_prefix_slots = slots
+    return slots
+
+
 def _exact_extend(self, q_pe, k_pe, q_lat, k_nope, forward_batch):
     """Exact absorbed MLA for an extend batch over the sliced pool; returns ``[T, H_loc, R]``."""
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
@@ -123,25 +136,21 @@ def _exact_extend(self, q_pe, k_pe, q_lat, k_nope, forward_batch):
     backend_pool = backend.token_to_kv_pool
     layer = self.attn_mqa
     backend_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), torch.cat([k_nope, k_pe], -1), None)
-    r2t = backend.req_to_token_pool.req_to_token
     prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
     ext_lens = list(forward_batch.extend_seq_lens_cpu)
-    slots = [r2t[int(forward_batch.req_pool_indices[b]), :p].long() for b, p in enumerate(prefix_lens)]
-    all_slots = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
     if sum(prefix_lens):
-        pre_lat, pre_pe = _gather_prefix(backend_pool, layer.layer_id, all_slots.to(k_nope.device), self.tpla.runtime)
+        pre_lat, pre_pe = _gather_prefix(
+            backend_pool, layer.layer_id, _prefix_slots(backend, forward_batch, prefix_lens).to(k_nope.device), self.tpla.runtime
+        )
     out = torch.empty_like(q_lat)
     start_q = start_p = 0
     for p, n in zip(prefix_lens, ext_lens):
-        new_lat, new_pe = k_nope[start_q : start_q + n, 0].float(), k_pe[start_q : start_q + n, 0].float()
+        ckv, kpe = k_nope[start_q : start_q + n, 0].float(), k_pe[start_q : start_q + n, 0].float()
         if p:
-            new_lat = torch.cat([pre_lat[start_p : start_p + p].float(), new_lat])
-            new_pe = torch.cat([pre_pe[start_p : start_p + p].float(), new_pe])
+            ckv = torch.cat([pre_lat[start_p : start_p + p].float(), ckv])
+            kpe = torch.cat([pre_pe[start_p : start_p + p].float(), kpe])
         ql, qp = q_lat[start_q : start_q + n].float(), q_pe[start_q : start_q + n].float()
-        logits = (torch.einsum("thd,ld->thl", ql, new_lat) + torch.einsum("thp,lp->thl", qp, new_pe)) * layer.scaling
-        mask = torch.arange(p + n, device=logits.device)[None, :] > (p + torch.arange(n, device=logits.device))[:, None]
-        logits = logits.masked_fill(mask[:, None, :], float("-inf"))
-        out[start_q : start_q + n] = torch.einsum("thl,ld->thd", torch.softmax(logits, -1), new_lat).to(out.dtype)
+        out[start_q : start_q + n] = latent_attention(ql, qp, ckv, kpe, layer.scaling, causal_offset=p).to(out.dtype)
         start_q += n
         start_p += p
     return out
