@@ -9,6 +9,17 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cmd="${1:-main}"; shift || true
 
 py="${PYTHON:-python3}"
+
+# mooncake's non-CUDA transfer engine (PD disaggregation over TCP) links libibverbs.so.1 even
+# when no RDMA device is used.  Install the Debian package when it is missing and we can.
+if ! ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1'; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "[run.sh] installing libibverbs1 (needed by mooncake's transfer engine)" >&2
+        (apt-get install -y libibverbs1 || { apt-get update && apt-get install -y libibverbs1; }) >&2
+    else
+        echo "[run.sh] warning: libibverbs.so.1 not found; PD disaggregation tests need it (apt-get install libibverbs1)" >&2
+    fi
+fi
 key="$("$py" - "$here/pyproject.toml" <<'PY'
 import hashlib, sys, tomllib
 p = tomllib.load(open(sys.argv[1], "rb"))["project"]
