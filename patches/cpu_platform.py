@@ -58,7 +58,10 @@ PLATFORM_NAME = "tpla_cpu"
 # Patched targets (used by install() by name) and every other SGLang name this module uses.
 PIN_TARGET = "sglang.srt.utils.numa_utils.init_threads_binding"
 FREE_MEM_TARGET = "sglang.srt.utils.common.get_free_cpu_memory"
+# PD prefill: host-side transfer indices use pinned memory and torch.cuda.Event (prefill.py).
+PD_SENDER_TARGET = "sglang.srt.disaggregation.mooncake.conn.MooncakeKVSender.__init__"
 HOOK_TARGETS = (
+    PD_SENDER_TARGET,
     "sglang.srt.platforms.interface.SRTPlatform",
     "sglang.srt.platforms.cpu.CpuDeviceMixin",
     "sglang.srt.models.deepseek_common.attention_backend_handler.AttentionBackendRegistry",
@@ -235,6 +238,11 @@ def _fixed_free_memory(orig, *args, **kwargs):
 _TRACE = False
 
 
+def _no_host_tensor_indices(result, sender, *args, **kwargs):
+    """AFTER MooncakeKVSender.__init__: take the device-index send path (the host path needs CUDA)."""
+    sender.supports_host_tensor_indices = False
+
+
 def install() -> None:
     """Register this platform's hooks through SGLang's own seams (only when selected)."""
     global _TRACE
@@ -247,3 +255,4 @@ def install() -> None:
     AttentionBackendRegistry.register("torch_native", _mla_for_torch_native)
     HookRegistry.register(PIN_TARGET, _pin_rank, HookType.AFTER)
     HookRegistry.register(FREE_MEM_TARGET, _fixed_free_memory, HookType.AROUND)
+    HookRegistry.register(PD_SENDER_TARGET, _no_host_tensor_indices, HookType.AFTER)

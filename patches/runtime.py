@@ -29,6 +29,57 @@ class TPLARuntime:
 
 
 _cache: dict[int, TPLARuntime | None] = {}
+_current: TPLARuntime | None = None
+
+# PD transfer backends that know the sliced TPLA pool (patches/disaggregation.py); 'fake'
+# moves no data (decode-only benchmarking with --fake-prefill).
+PD_BACKENDS = ("mooncake", "mooncake_tcp", "fake")
+
+
+@dataclass(frozen=True)
+class NodeBasis:
+    """The latent basis this node's weights are in, exchanged at PD bootstrap.
+
+    ``fingerprint`` is ``identity`` for an untouched checkpoint, else the transform's
+    fingerprint (folded at load, or by ``python -m sglang_tpla.convert``).
+    """
+
+    fingerprint: str
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    source: str  # how it came about, for error messages
+
+
+_basis: NodeBasis | None = None
+
+
+def record_basis(basis: NodeBasis) -> None:
+    global _basis
+    _basis = basis
+
+
+def node_basis() -> NodeBasis | None:
+    """This process's latent basis, once its weights are loaded (None before, or for non-MLA models)."""
+    return _basis
+
+
+def current() -> TPLARuntime | None:
+    """The TPLA runtime of this process (None when TPLA is off or not resolved yet)."""
+    return _current
+
+
+def _disagg_mode() -> str:
+    from sglang.srt.runtime_context import get_server_args
+
+    return str(getattr(get_server_args(), "disaggregation_mode", "null") or "null")
+
+
+def prefill_basis(hf_config) -> TPLAConfig | None:
+    """A PD prefill node given TPLA options folds the transform at load (exact MLA, no slicing)."""
+    opts = getattr(hf_config, "tpla", None)
+    if not opts or tpla_requested() or _disagg_mode() != "prefill":
+        return None
+    return from_sources(opts)
 
 
 def tpla_requested() -> bool:
@@ -41,6 +92,7 @@ def tpla_requested() -> bool:
 
 def runtime_for(hf_config) -> TPLARuntime | None:
     """The TPLA runtime of this process for ``hf_config``, or None when TPLA is off."""
+    global _current
     key = id(hf_config)
     if key in _cache:
         return _cache[key]
@@ -54,6 +106,16 @@ def runtime_for(hf_config) -> TPLARuntime | None:
             getattr(args, "attn_dp_size", 1), getattr(args, "dcp_size", 1), getattr(args, "pp_size", 1),
             getattr(args, "speculative_algorithm", None),
         )
+        mode = _disagg_mode()
+        backend = str(getattr(args, "disaggregation_transfer_backend", "mooncake"))
+        if mode == "decode" and backend not in PD_BACKENDS:
+            from sglang_tpla.config import TPLAConfigError
+
+            raise TPLAConfigError(
+                f"TPLA decode nodes receive latent slices only over --disaggregation-transfer-backend "
+                f"{'|'.join(PD_BACKENDS[:2])} (got {backend}): other backends would write full 576-wide rows into "
+                "the sliced pool. Use mooncake, or drop --decode-attention-backend tpla on this node."
+            )
         par = get_parallel()
         cfg = from_sources(opts)
         layout = validate_for_model(cfg, hf_config, par.attn_tp_size)
@@ -65,12 +127,17 @@ def runtime_for(hf_config) -> TPLARuntime | None:
             layout.tp, layout.g, cfg.fingerprint(), rt.rank, s.group, s.latent_start, s.latent_end,
             s.head_start, s.head_end, layout.row_width, layout.mla_row_width,
         )
+    elif opts and _disagg_mode() == "prefill":
+        from_sources(opts)  # validated; the transform is folded by patches/weights.py (prefill_basis)
     elif opts:
         from sglang_tpla.config import TPLAConfigError
 
         raise TPLAConfigError(
             'TPLA options were given ("tpla" in --json-model-override-args) but TPLA is off: '
-            "add --decode-attention-backend tpla, or drop the options."
+            "add --decode-attention-backend tpla (or --disaggregation-mode prefill for a PD prefill node that "
+            "folds the same transform), or drop the options."
         )
     _cache[key] = rt
+    if rt is not None:
+        _current = rt
     return rt

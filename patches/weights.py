@@ -26,7 +26,7 @@ import torch.distributed as dist
 from sglang_tpla.calibration import Calibration, ModelIdentity, weights_hash
 from sglang_tpla.transforms import fold_layer, make_rotation
 
-from .runtime import TPLARuntime, runtime_for
+from .runtime import NodeBasis, TPLARuntime, prefill_basis, record_basis, runtime_for
 
 logger = logging.getLogger("sglang_tpla")
 
@@ -122,17 +122,28 @@ def model_identity(model, layers) -> ModelIdentity:
     )
 
 
+def _record(hf_config, fingerprint: str, source: str) -> None:
+    if getattr(hf_config, "kv_lora_rank", None):
+        record_basis(NodeBasis(fingerprint, hf_config.kv_lora_rank, hf_config.qk_rope_head_dim, source))
+
+
 def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
     """AROUND post_load_weights: fold the transform, let SGLang split w_kc/w_vc, then slice for TPLA."""
     rt = runtime_for(self.config)
-    if rt is None or is_nextn:
+    if is_nextn:
+        return orig(self, is_nextn=is_nextn, weight_names=weight_names)
+    cfg = rt.config if rt is not None else prefill_basis(self.config)
+    if cfg is None:  # plain MLA: record the checkpoint's basis for the PD bootstrap exchange
+        converted = getattr(self.config, "tpla_transform", None) or {}
+        _record(self.config, converted.get("fingerprint", "identity"),
+                "checkpoint converted by sglang_tpla.convert" if converted else "checkpoint as is")
         return orig(self, is_nextn=is_nextn, weight_names=weight_names)
     if self.model.start_layer != 0 or self.model.end_layer != self.config.num_hidden_layers:
         raise RuntimeError("TPLA does not support pipeline parallelism yet; run with --pp-size 1.")
     layers = [self.model.layers[i].self_attn for i in range(self.model.start_layer, self.model.end_layer)]
     if any(getattr(a, "tpla", None) is not None for a in layers):
         raise RuntimeError("TPLA does not support reloading weights into a running server (update_weights); restart it.")
-    cfg, g, r = rt.config, rt.layout.g, layers[0].kv_lora_rank
+    r = layers[0].kv_lora_rank
     calib = None
     converted = getattr(self.config, "tpla_transform", None)  # written by `python -m sglang_tpla.convert`
     if converted:
@@ -156,8 +167,12 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
     for attn, u in zip(layers, rotations):
         if u is not None:
             _fold(attn, u)
+    _record(self.config, cfg.fingerprint(), "folded at load" if not converted else "checkpoint converted by sglang_tpla.convert")
     result = orig(self, is_nextn=is_nextn, weight_names=weight_names)
-    group = rt.slice.group
+    if rt is None:  # PD prefill node: exact MLA in the agreed basis, nothing to slice
+        logger.info("TPLA: PD prefill node, folded transform %s into %d layers (exact MLA)", cfg.fingerprint(), len(layers))
+        return result
+    g, group = rt.layout.g, rt.slice.group
     for i, attn in enumerate(layers):
         mu = None
         if cfg.mu == "inv_p" and g > 1:

@@ -75,7 +75,7 @@ class TPLALayout:
 
     def group_of(self, rank: int) -> int:
         self._check_rank(rank)
-        return rank // self.ranks_per_group
+        return group_of_rank(self.tp, self.g, rank)
 
     def latent_range(self, group: int) -> tuple[int, int]:
         if not 0 <= group < self.g:
@@ -99,6 +99,13 @@ class TPLALayout:
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.tp:
             raise IndexError(f"rank {rank} out of range for tp={self.tp}")
+
+
+def group_of_rank(tp: int, g: int, rank: int) -> int:
+    """Latent group of attention-TP rank ``rank`` (group-major: ranks ``[j*tp/g, (j+1)*tp/g)`` form group j)."""
+    if not 0 <= rank < tp or g <= 0 or tp % g:
+        raise TPLALayoutError(f"rank {rank} / TP {tp} / g {g}: need 0 <= rank < TP and g dividing TP")
+    return rank // (tp // g)
 
 
 def check_layout(

@@ -20,6 +20,9 @@ HOOK_MODULES = (
     "sglang_tpla.patches.kv_pool",
     "sglang_tpla.patches.weights",
     "sglang_tpla.patches.deepseek_attention",
+    "sglang_tpla.patches.forced_decode",  # teacher-forced decode for the fidelity eval (inert otherwise)
+    "sglang_tpla.patches.calibration_capture",  # registers only with SGLANG_TPLA_CALIBRATE_DIR set
+    "sglang_tpla.patches.disaggregation",
 )
 
 _installed = False

@@ -63,6 +63,7 @@ class ServerProcess:
         port: int | None = None,
         name: str = "sglang",
         startup_timeout: float = 600.0,
+        ready_path: str = "/health_generate",
     ):
         self.model_path = str(model_path)
         self.tp = tp
@@ -72,6 +73,7 @@ class ServerProcess:
         self.name = name
         self.log_path = Path(log_path) if log_path else Path(f"/tmp/{name}-{self.port}.log")
         self.startup_timeout = startup_timeout
+        self.ready_path = ready_path
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -102,7 +104,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise ServerError(f"{self.name} exited with code {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/health_generate", timeout=30) as r:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=30) as r:
                     if r.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
