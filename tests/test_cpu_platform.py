@@ -103,7 +103,11 @@ def test_install_when_selected_registers_its_hooks(cpu_platform, monkeypatch):
     assert {t: [ht for ht, _, _ in hs] for t, hs in hooks._hooks.items()} == {
         "sglang.srt.utils.numa_utils.init_threads_binding": [HookType.AFTER],
         "sglang.srt.utils.common.get_free_cpu_memory": [HookType.AROUND],
+        "sglang.srt.disaggregation.mooncake.conn.MooncakeKVSender.__init__": [HookType.AFTER],
     }
+    sender = SimpleNamespace(supports_host_tensor_indices=True)
+    cpu_platform._no_host_tensor_indices(None, sender)
+    assert sender.supports_host_tensor_indices is False
     handler = backends.get_handler("torch_native")
     fb = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: True, name="EXTEND"),
                          extend_prefix_lens_cpu=[8], extend_seq_lens_cpu=[3])
