@@ -161,20 +161,19 @@ def save_tokenizer(path: str | Path, vocab_size: int) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "pad_token": "<pad>",
-                "model_max_length": 4096,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    return write_tokenizer_config(path, unk_token="<unk>")
+
+
+def write_tokenizer_config(path: str | Path, model_max_length: int = 4096, **special_tokens) -> Path:
+    """``tokenizer_config.json`` for a ``tokenizer.json`` in ``path`` (HF fast tokenizer, offline).
+
+    ``bos_token`` ``<s>``, ``eos_token`` ``</s>`` and ``pad_token`` ``<pad>`` unless overridden.
+    """
+    path = Path(path)
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    cfg.update(special_tokens)
+    cfg["model_max_length"] = model_max_length
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return path
 
 

@@ -1,0 +1,618 @@
+"""Train a small DeepSeek-V3-architecture model (real MLA dims) on a local corpus, on CPU.
+
+``python -m sglang_tpla.train --out DIR [--minutes M] [--steps N] [--seed S]`` builds the corpus
+and a byte-level BPE tokenizer, trains, and writes a complete model directory (same layout as
+:func:`sglang_tpla.tiny_model.build_tiny_model_dir`: ``config.json``, ``model.safetensors`` in
+bf16, ``tokenizer.json`` + ``tokenizer_config.json``) plus ``training_curve.csv``/``.png``,
+``TRAINING.md``, and the held-out documents (``heldout.jsonl``, one ``{"source", "text"}`` per
+line, and ``heldout.txt``, the same texts separated by blank lines) for the fidelity evaluation.
+
+Corpus (no hub, no network; the same files exist on every machine built from the project's
+Debian image with the project venv), built by :func:`build_corpus`:
+
+* ``stdlib``: docstrings (module, class and function; ``ast.get_docstring``) of the ``*.py``
+  files of the running interpreter's standard library (``sysconfig.get_paths()["stdlib"]``),
+  skipping ``site-packages``, ``test``/``tests``, ``idlelib``, ``lib2to3``, ``turtledemo``;
+  one document per module.
+* ``licenses``: the files of ``/usr/share/common-licenses``.
+* ``debian-copyright``: ``/usr/share/doc/*/copyright`` (the first 6000 characters of each).
+* ``pypi-readme``: the long description (the body after the header block) of every
+  ``*.dist-info/METADATA`` in the interpreter's ``purelib`` (the venv's site-packages).
+
+Every file list is sorted; paragraphs (blank-line separated, whitespace-normalised) are
+deduplicated across the whole corpus in that order (license texts repeat a lot); documents
+left with fewer than 200 characters are dropped.  Documents go to held-out when
+``sha1(f"{seed}:{source}:{name}") % 40 == 0`` (about 2.5 %).
+
+The trainable module :class:`TrainableDeepseek` uses exactly the HF DeepSeek-V3 weight names of
+:func:`sglang_tpla.tiny_model.random_state_dict` and is checked against
+:class:`sglang_tpla.reference_model.ReferenceDeepseek` (mode ``mla``) in ``tests/test_train.py``.
+
+Pure PyTorch + tokenizers (+ matplotlib for the plot): no sglang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .reference_model import rope_cos_sin, softmax_scale
+from .tiny_model import save_model, tiny_config, write_tokenizer_config
+
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]  # ids 0 (bos), 1 (eos), 2 (pad): as tiny_config
+_SKIP_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
+_MIN_DOC_CHARS = 200
+_MAX_COPYRIGHT_CHARS = 6000  # debian copyright files: first 6000 chars (mostly license boilerplate and name lists)
+_HELDOUT_MOD = 40  # held-out: 1 document in 40
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+@dataclass
+class Document:
+    source: str
+    name: str
+    text: str
+
+
+def _stdlib_docs(stdlib: Path) -> list[tuple[str, str]]:
+    out = []
+    for f in sorted(stdlib.rglob("*.py")):
+        rel = f.relative_to(stdlib)
+        if any(part in _SKIP_STDLIB_DIRS for part in rel.parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        docs = []
+        for node in [tree, *ast.walk(tree)]:
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                d = ast.get_docstring(node, clean=True)
+                if d and len(d) >= 40 and d not in docs:
+                    docs.append(d)
+        if docs:
+            out.append((str(rel), "\n\n".join(docs)))
+    return out
+
+
+def _read_text_files(paths) -> list[tuple[str, str]]:
+    out, seen = [], set()
+    for p in paths:
+        try:
+            real = p.resolve()
+            if real in seen or not real.is_file():
+                continue
+            seen.add(real)
+            out.append((str(p), real.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError):
+            continue
+    return out
+
+
+def _metadata_descriptions(purelib: Path) -> list[tuple[str, str]]:
+    out = []
+    for name, text in _read_text_files(sorted(purelib.glob("*.dist-info/METADATA"))):
+        head, sep, body = text.partition("\n\n")
+        if sep and body.strip():
+            out.append((Path(name).parent.name, body))
+    return out
+
+
+def corpus_sources() -> dict[str, object]:
+    """Where the corpus comes from on this machine (recorded in TRAINING.md)."""
+    return {
+        "stdlib": sysconfig.get_paths()["stdlib"],
+        "purelib": sysconfig.get_paths()["purelib"],
+        "licenses": "/usr/share/common-licenses",
+        "debian_doc": "/usr/share/doc",  # */copyright
+        "python": platform.python_version(),
+    }
+
+
+def _paragraph_key(p: str) -> str:
+    return hashlib.sha1(" ".join(p.split()).lower().encode()).hexdigest()
+
+
+def build_corpus(seed: int = 0, sources: dict | None = None, max_chars: int | None = None) -> tuple[list[Document], list[Document]]:
+    """Deterministic (train, held-out) document lists; see the module docstring."""
+    src = sources or corpus_sources()
+    raw: list[tuple[str, str, str]] = []
+    raw += [("stdlib", n, t) for n, t in _stdlib_docs(Path(src["stdlib"]))]
+    raw += [("licenses", n, t) for n, t in _read_text_files(sorted(Path(src["licenses"]).glob("*")))]
+    raw += [("debian-copyright", n, t[:_MAX_COPYRIGHT_CHARS]) for n, t in _read_text_files(sorted(Path(src["debian_doc"]).glob("*/copyright")))]
+    raw += [("pypi-readme", n, t) for n, t in _metadata_descriptions(Path(src["purelib"]))]
+    seen: set[str] = set()
+    train, held = [], []
+    total = 0
+    for source, name, text in raw:
+        text = text.replace("\r\n", "\n").replace("\t", "    ")
+        paras = []
+        for p in re.split(r"\n\s*\n", text):
+            p = p.rstrip()
+            if not p.strip():
+                continue
+            k = _paragraph_key(p)
+            if k in seen:
+                continue
+            seen.add(k)
+            paras.append(p)
+        body = "\n\n".join(paras).strip()
+        if len(body) < _MIN_DOC_CHARS:
+            continue
+        doc = Document(source, name, body)
+        h = int(hashlib.sha1(f"{seed}:{source}:{name}".encode()).hexdigest(), 16)
+        (held if h % _HELDOUT_MOD == 0 else train).append(doc)
+        total += len(body)
+        if max_chars is not None and total >= max_chars:
+            break
+    return train, held
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts, vocab_size: int = 4096):
+    """Byte-level BPE (``tokenizers``); ids 0..2 are ``<s>``, ``</s>``, ``<pad>``; encodings start with ``<s>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+    return tok
+
+
+def save_bpe_tokenizer(path: str | Path, tok) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    return write_tokenizer_config(path)
+
+
+def encode_documents(tok, docs: list[Document]) -> list[list[int]]:
+    """Token ids per document: ``<s> text </s>``."""
+    encs = tok.encode_batch([d.text for d in docs])
+    return [e.ids + [1] for e in encs]
+
+
+# --------------------------------------------------------------------------- model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _lin(i: int, o: int) -> nn.Linear:
+    return nn.Linear(i, o, bias=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        hid, self.heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        self.nope, self.rope, self.vdim, self.r = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+        eps = float(cfg["rms_norm_eps"])
+        qk = self.nope + self.rope
+        self.q_lora = bool(cfg.get("q_lora_rank"))
+        if self.q_lora:
+            self.q_a_proj = _lin(hid, cfg["q_lora_rank"])
+            self.q_a_layernorm = RMSNorm(cfg["q_lora_rank"], eps)
+            self.q_b_proj = _lin(cfg["q_lora_rank"], self.heads * qk)
+        else:
+            self.q_proj = _lin(hid, self.heads * qk)
+        self.kv_a_proj_with_mqa = _lin(hid, self.r + self.rope)
+        self.kv_a_layernorm = RMSNorm(self.r, eps)
+        self.kv_b_proj = _lin(self.r, self.heads * (self.nope + self.vdim))
+        self.o_proj = _lin(self.heads * self.vdim, hid)
+        self.scale = softmax_scale(cfg)
+
+    def forward(self, x, cos, sin):
+        b, t, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q = q.view(b, t, self.heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], -1)
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.rope], -1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(c)).view(b, t, self.heads, self.nope + self.vdim)
+        k_nope, v = kv.split([self.nope, self.vdim], -1)
+        q_pe = _rope(q_pe, cos, sin)
+        k_pe = _rope(k_pe.unsqueeze(2), cos, sin).expand(b, t, self.heads, self.rope)
+        qh = torch.cat([q_nope, q_pe], -1).transpose(1, 2)
+        kh = torch.cat([k_nope, k_pe], -1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qh, kh, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.heads * self.vdim))
+
+
+def _rope(x, cos, sin):
+    """Interleaved (GPT-J) rotation as :func:`sglang_tpla.reference_model.apply_rope`; ``x [B, T, H, rope]``, cos ``[T, rope/2]``."""
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(-2)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.gate_proj = _lin(cfg["hidden_size"], cfg["intermediate_size"])
+        self.up_proj = _lin(cfg["hidden_size"], cfg["intermediate_size"])
+        self.down_proj = _lin(cfg["intermediate_size"], cfg["hidden_size"])
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        eps = float(cfg["rms_norm_eps"])
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class _Backbone(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.layers = nn.ModuleList([Layer(cfg) for _ in range(cfg["num_hidden_layers"])])
+        self.norm = RMSNorm(cfg["hidden_size"], float(cfg["rms_norm_eps"]))
+
+
+class TrainableDeepseek(nn.Module):
+    """Dense DeepSeek-V3 with MLA (non-absorbed, causal, full sequences); ``state_dict()`` keys are the HF names."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        if cfg.get("first_k_dense_replace", 0) < cfg["num_hidden_layers"]:
+            raise ValueError("dense layers only")
+        self.cfg = cfg
+        self.model = _Backbone(cfg)
+        self.lm_head = _lin(cfg["hidden_size"], cfg["vocab_size"])
+
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "TrainableDeepseek":
+        gen = torch.Generator().manual_seed(seed)
+        n_layers = self.cfg["num_hidden_layers"]
+        with torch.no_grad():
+            for name, p in sorted(self.named_parameters()):
+                if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                    p.fill_(1.0)
+                else:
+                    s = std / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                    p.copy_(torch.randn(p.shape, generator=gen) * s)
+        return self
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids [B, T]`` (positions 0..T-1) -> logits ``[B, T, V]``."""
+        t = ids.shape[1]
+        cos, sin = rope_cos_sin(self.cfg, torch.arange(t))
+        cos, sin = cos.float(), sin.float()
+        h = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin)
+        return self.lm_head(self.model.norm(h))
+
+
+def load_trainable(cfg: dict, state_dict: dict[str, torch.Tensor]) -> TrainableDeepseek:
+    m = TrainableDeepseek(cfg)
+    m.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    return m
+
+
+# --------------------------------------------------------------------------- training
+
+
+def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping ``[N, seq_len + 1]`` windows (inputs + shifted targets) of a token stream."""
+    n = (stream.numel() - 1) // seq_len
+    idx = torch.arange(n)[:, None] * seq_len + torch.arange(seq_len + 1)[None, :]
+    return stream[idx]
+
+
+@torch.no_grad()
+def mean_nll(model: TrainableDeepseek, wins: torch.Tensor, batch: int = 8) -> float:
+    model.eval()
+    tot, n = 0.0, 0
+    for i in range(0, wins.shape[0], batch):
+        w = wins[i : i + batch]
+        logits = model(w[:, :-1])
+        tot += float(F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
+        n += w[:, 1:].numel()
+    model.train()
+    return tot / max(n, 1)
+
+
+def unigram_nll(train_stream: torch.Tensor, targets: torch.Tensor, vocab: int) -> float:
+    """Held-out mean NLL of an add-one-smoothed unigram model fit on the training tokens."""
+    counts = torch.bincount(train_stream, minlength=vocab).double() + 1.0
+    logp = (counts / counts.sum()).log()
+    return float(-logp[targets.flatten()].mean())
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@dataclass
+class TrainArgs:
+    out: str
+    minutes: float = 22.0
+    steps: int = 0  # 0: as many as fit in `minutes` (schedule length fixed after 10 steps)
+    seed: int = 0
+    seq_len: int = 256
+    batch: int = 8
+    lr: float = 3e-3
+    warmup: int = 30
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    eval_every: int = 25
+    eval_windows: int = 16
+    vocab: int = 4096
+    layers: int = 4
+    hidden: int = 256
+    heads: int = 4
+    intermediate: int = 512
+    max_corpus_chars: int | None = None
+
+
+def train(a: TrainArgs, command: str = "") -> dict:
+    torch.manual_seed(a.seed)
+    t_start = time.time()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train_docs, held_docs = build_corpus(a.seed, max_chars=a.max_corpus_chars)
+    by_source: dict[str, list[int]] = {}
+    for d in train_docs + held_docs:
+        s = by_source.setdefault(d.source, [0, 0])
+        s[0] += 1
+        s[1] += len(d.text)
+    print(f"[corpus] train {len(train_docs)} docs {sum(len(d.text) for d in train_docs):,} chars; "
+          f"held-out {len(held_docs)} docs {sum(len(d.text) for d in held_docs):,} chars; {by_source}", flush=True)
+
+    tok = train_tokenizer((d.text for d in train_docs), a.vocab)
+    vocab = tok.get_vocab_size()
+    train_stream = torch.tensor([i for ids in encode_documents(tok, train_docs) for i in ids], dtype=torch.long)
+    held_stream = torch.tensor([i for ids in encode_documents(tok, held_docs) for i in ids], dtype=torch.long)
+    print(f"[tokens] vocab {vocab}; train {train_stream.numel():,} tokens; held-out {held_stream.numel():,} tokens", flush=True)
+
+    cfg = tiny_config(
+        num_hidden_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads,
+        vocab_size=vocab, intermediate_size=a.intermediate, torch_dtype="bfloat16",
+    )
+    model = TrainableDeepseek(cfg).init_weights(a.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[model] {n_params:,} parameters", flush=True)
+
+    train_wins = windows(train_stream, a.seq_len)
+    held_wins = windows(held_stream, a.seq_len)
+    gen = torch.Generator().manual_seed(a.seed)
+    eval_idx = torch.randperm(held_wins.shape[0], generator=gen)[: a.eval_windows]
+    eval_wins = held_wins[eval_idx]
+    uni_nll_eval = unigram_nll(train_stream, eval_wins[:, 1:], vocab)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=a.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+    budget = a.minutes * 60.0
+    t0 = time.time()
+    # the cosine schedule needs a length: the first steps calibrate the expected step count
+    total_steps = a.steps or 10**9
+    order = torch.randperm(train_wins.shape[0], generator=gen)
+    pos = 0
+    rows = []
+    ema = None
+    step = 0
+    while step < total_steps:
+        if pos + a.batch > order.numel():
+            order = torch.randperm(train_wins.shape[0], generator=gen)
+            pos = 0
+        w = train_wins[order[pos : pos + a.batch]]
+        pos += a.batch
+        for gr in opt.param_groups:
+            gr["lr"] = lr_at(step, total_steps, a.lr, a.warmup)
+        logits = model(w[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip))
+        opt.step()
+        step += 1
+        loss_v = loss.item()
+        ema = loss_v if ema is None else 0.9 * ema + 0.1 * loss_v
+        elapsed = time.time() - t0
+        if step == 10 and not a.steps:
+            # time-bounded run: fix the schedule length from the measured step time (incl. eval overhead)
+            per_step = elapsed / step * (1 + 0.6 * a.eval_windows / (a.batch * a.eval_every))
+            total_steps = max(step + 1, int(budget / per_step))
+            print(f"[schedule] {elapsed / step:.2f} s/step -> {total_steps} steps in {a.minutes} min", flush=True)
+        last = step == total_steps or elapsed > budget
+        if step % a.eval_every == 0 or last or step == 1:
+            held = mean_nll(model, eval_wins)
+            rows.append({"step": step, "tokens": step * a.batch * a.seq_len, "elapsed_s": round(elapsed, 1),
+                         "lr": opt.param_groups[0]["lr"], "train_loss": round(loss_v, 4), "train_loss_ema": round(ema, 4),
+                         "heldout_nll": round(held, 4), "heldout_ppl": round(math.exp(held), 2), "grad_norm": round(gnorm, 3)})
+            print(f"[step {step}/{total_steps}] {elapsed:7.0f}s loss {loss_v:.3f} (ema {ema:.3f}) held-out ppl "
+                  f"{math.exp(held):.1f} (unigram {math.exp(uni_nll_eval):.1f}) lr {opt.param_groups[0]['lr']:.2e} |g| {gnorm:.2f}", flush=True)
+        if last:
+            break
+    train_s = time.time() - t0
+
+    # final: whole held-out set, bf16 weights as saved (what serving and the evaluation see)
+    sd = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
+    final_model = load_trainable(cfg, sd)
+    final_nll = mean_nll(final_model, held_wins)
+    uni_nll = unigram_nll(train_stream, held_wins[:, 1:], vocab)
+    print(f"[final] held-out ppl {math.exp(final_nll):.2f} (bf16 weights, {held_wins.shape[0]} windows) vs unigram "
+          f"{math.exp(uni_nll):.2f}", flush=True)
+
+    save_model(out, cfg, sd)
+    save_bpe_tokenizer(out, tok)
+    with open(out / "heldout.jsonl", "w") as f:
+        for d in held_docs:
+            f.write(json.dumps({"source": d.source, "name": d.name, "text": d.text}) + "\n")
+    (out / "heldout.txt").write_text("\n\n".join(d.text for d in held_docs) + "\n")
+    with open(out / "training_curve.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    _plot(rows, math.exp(uni_nll_eval), out / "training_curve.png")
+    summary = {
+        "params": n_params, "vocab": vocab, "steps": step, "schedule_steps": total_steps, "train_seconds": round(train_s, 1),
+        "total_seconds": round(time.time() - t_start, 1),
+        "train_tokens_seen": step * a.batch * a.seq_len, "train_tokens": int(train_stream.numel()),
+        "heldout_tokens": int(held_stream.numel()), "heldout_windows": int(held_wins.shape[0]),
+        "heldout_ppl": round(math.exp(final_nll), 3), "unigram_ppl": round(math.exp(uni_nll), 3),
+        "model_bytes": (out / "model.safetensors").stat().st_size,
+    }
+    _write_report(out, a, cfg, summary, by_source, train_docs, held_docs, rows, command)
+    return summary
+
+
+def _plot(rows, uni_ppl, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [math.exp(r["train_loss_ema"]) for r in rows], label="train ppl (EMA)")
+    ax.plot(steps, [r["heldout_ppl"] for r in rows], label="held-out ppl", marker="o", ms=3)
+    ax.axhline(uni_ppl, color="gray", ls="--", label=f"unigram ppl {uni_ppl:.0f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("perplexity (BPE tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _write_report(out, a, cfg, s, by_source, train_docs, held_docs, rows, command):
+    src = corpus_sources()
+    lines = [
+        "# Trained tiny DeepSeek-V3 (real MLA dims)",
+        "",
+        f"Command: `{command}`",
+        "",
+        "## Corpus",
+        "",
+        f"Built by `sglang_tpla.train.build_corpus(seed={a.seed})` from local files only (no hub): docstrings of the "
+        f"Python {src['python']} standard library at `{src['stdlib']}` (skipping test/idlelib/lib2to3/turtledemo), "
+        f"`/usr/share/common-licenses/*`, `/usr/share/doc/*/copyright`, and the long descriptions in "
+        f"`{src['purelib']}/*.dist-info/METADATA`. Sorted file lists, paragraph-level dedup, documents < {_MIN_DOC_CHARS} chars dropped, "
+        "held-out = documents with `sha1(f'{seed}:{source}:{name}') % 40 == 0`; debian copyright files truncated to their first 6000 chars.",
+        "",
+        "| source | documents | chars |",
+        "|---|---|---|",
+        *[f"| {k} | {v[0]} | {v[1]:,} |" for k, v in by_source.items()],
+        "",
+        f"Train: {len(train_docs)} documents, {sum(len(d.text) for d in train_docs):,} chars, {s['train_tokens']:,} tokens. "
+        f"Held-out: {len(held_docs)} documents, {sum(len(d.text) for d in held_docs):,} chars, {s['heldout_tokens']:,} tokens "
+        "(`heldout.jsonl`, `heldout.txt`).",
+        "",
+        f"Tokenizer: byte-level BPE (`tokenizers`), vocab {s['vocab']}, `<s>`=0 (prepended), `</s>`=1, `<pad>`=2.",
+        "",
+        "## Model",
+        "",
+        f"DeepseekV3ForCausalLM, {cfg['num_hidden_layers']} dense layers, hidden {cfg['hidden_size']}, {cfg['num_attention_heads']} heads, "
+        f"intermediate {cfg['intermediate_size']}, q_lora_rank {cfg['q_lora_rank']}, kv_lora_rank {cfg['kv_lora_rank']}, "
+        f"qk_nope {cfg['qk_nope_head_dim']}, qk_rope {cfg['qk_rope_head_dim']}, v {cfg['v_head_dim']}, yarn rope (factor 4). "
+        f"**{s['params']:,} parameters**, `model.safetensors` bf16 {s['model_bytes']:,} bytes.",
+        "",
+        "## Training",
+        "",
+        f"AdamW (betas 0.9/0.95, weight decay {a.weight_decay}), peak lr {a.lr}, {a.warmup} warmup steps then cosine to 10 %, "
+        f"grad clip {a.clip}, batch {a.batch} x seq {a.seq_len}, seed {a.seed}, 1 CPU thread. "
+        f"{s['steps']} steps ({s['train_tokens_seen']:,} tokens seen), {s['train_seconds']:.0f} s training, {s['total_seconds']:.0f} s total.",
+        "",
+        f"Reproduce without the wall-time dependence (same seed, same schedule): `python -m sglang_tpla.train --out DIR "
+        f"--seed {a.seed} --steps {s['schedule_steps']} --minutes 100000` "
+        + ("" if s["steps"] == s["schedule_steps"] else f"(this run stopped at step {s['steps']} on the wall-time budget) ") + "with 1 thread.",
+        "",
+        "| step | tokens | train loss (EMA) | held-out ppl |",
+        "|---|---|---|---|",
+        *[f"| {r['step']} | {r['tokens']:,} | {r['train_loss_ema']} | {r['heldout_ppl']} |" for r in rows],
+        "",
+        "(curve rows: held-out ppl on a fixed sample of held-out windows; `training_curve.csv`, `training_curve.png`)",
+        "",
+        "## Result",
+        "",
+        f"Held-out perplexity (all {s['heldout_windows']} held-out windows of {a.seq_len} tokens, bf16 weights as saved): "
+        f"heldout_ppl = {s['heldout_ppl']}",
+        "",
+        f"Unigram perplexity (add-one unigram fit on the training tokens, same held-out targets): unigram_ppl = {s['unigram_ppl']}",
+        "",
+        "```json",
+        json.dumps(s, indent=2),
+        "```",
+        "",
+    ]
+    (out / "TRAINING.md").write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sglang_tpla.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--minutes", type=float, default=22.0, help="training wall-time budget (default 22)")
+    p.add_argument("--steps", type=int, default=0, help="cosine schedule length in steps; training still stops at --minutes "
+                   "(default 0: as many as fit in --minutes, measured over the first 10 steps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cmd = "python -m sglang_tpla.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    s = train(TrainArgs(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, batch=args.batch, lr=args.lr), cmd)
+    print(json.dumps(s), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
