@@ -49,6 +49,9 @@ class TPLALayerWeights:
     latent_end: int
     runtime: TPLARuntime
     attn: object = None  # RadixAttention over the sliced pool, set by the attention hook
+    # norm 'local': decode rows are this slice of the pre-norm latent over its own RMS, times
+    # sqrt(g * p_j) (and the slice of the RMSNorm gain); None = exact RMSNorm over the full latent
+    local_norm_scale: float | None = None
 
 
 def _gather(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -81,7 +84,7 @@ def _fold(attn, rotation: torch.Tensor) -> None:
     attn.kv_b_proj.weight.data.copy_(b)
 
 
-def _layer_weights(attn, rt: TPLARuntime, mu: float | None) -> TPLALayerWeights:
+def _layer_weights(attn, rt: TPLARuntime, mu: float | None, local_norm_scale: float | None = None) -> TPLALayerWeights:
     s = rt.slice
     nope, rope, vdim = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
     q_mod = attn.q_b_proj if hasattr(attn, "q_b_proj") else attn.q_proj
@@ -103,6 +106,7 @@ def _layer_weights(attn, rt: TPLARuntime, mu: float | None) -> TPLALayerWeights:
         latent_start=s.latent_start,
         latent_end=s.latent_end,
         runtime=rt,
+        local_norm_scale=local_norm_scale,
     )
 
 
@@ -164,6 +168,11 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
         rotations = [make_rotation("hadamard", r, seed=cfg.seed)] * len(layers)
     else:
         rotations = [None] * len(layers)
+    if calib is None and cfg.mu == "lsq":  # lsq fits mu on the file's logit pairs, for any transform
+        calib = Calibration.load(cfg.calibration, expect=None if converted else model_identity(self, layers))
+    # the latent basis the decode runs in (for the lsq fit), folded now or already by the converter
+    basis = [make_rotation("hadamard", r, seed=cfg.seed)] * len(layers) if cfg.transform == "hadamard" else (
+        calib.rotations if cfg.transform == "pca" else [None] * len(layers))
     for attn, u in zip(layers, rotations):
         if u is not None:
             _fold(attn, u)
@@ -173,15 +182,28 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
         logger.info("TPLA: PD prefill node, folded transform %s into %d layers (exact MLA)", cfg.fingerprint(), len(layers))
         return result
     g, group = rt.layout.g, rt.slice.group
+    if cfg.mu == "lsq" and not calib.has_lsq:
+        raise RuntimeError(
+            f"TPLA mu 'lsq': calibration file {cfg.calibration!r} holds no logit pairs (made before format 2 or with "
+            "--lsq-pairs 0); recreate it with `python -m sglang_tpla.calibrate ...` or use mu 'one'/'inv_p'."
+        )
     for i, attn in enumerate(layers):
-        mu = None
+        mu, scale = None, None
+        p_all = calib.energy_fractions(i, g) if cfg.transform == "pca" else torch.full((g,), 1.0 / g, dtype=torch.float64)
         if cfg.mu == "inv_p" and g > 1:
-            p = float(calib.energy_fractions(i, g)[group]) if calib is not None else 1.0 / g
-            mu = 1.0 / p
-        attn.tpla = _layer_weights(attn, rt, mu)
+            mu = 1.0 / float(p_all[group])
+        elif cfg.mu == "lsq" and g > 1:
+            fit = calib.lsq_logit_scales(
+                i, g, basis[i], cfg.norm, p_all if cfg.norm == "local" else None, float(attn.kv_a_layernorm.variance_epsilon)
+            )
+            mu = float(fit[group])
+            logger.info("TPLA: layer %d lsq logit scales %s (this rank: group %d)", i, [round(float(x), 4) for x in fit], group)
+        if cfg.norm == "local":
+            scale = float(torch.sqrt(g * p_all[group]))
+        attn.tpla = _layer_weights(attn, rt, mu, scale)
     logger.info(
-        "TPLA: folded transform %s into %d layers and built per-rank decode weights (mu=%s)",
-        cfg.fingerprint(), len(layers), cfg.mu,
+        "TPLA: folded transform %s into %d layers and built per-rank decode weights (mu=%s, norm=%s)",
+        cfg.fingerprint(), len(layers), cfg.mu, cfg.norm,
     )
     return result
 
