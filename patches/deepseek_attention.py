@@ -6,7 +6,9 @@ Hooks (SGLang 0.5.23), all gated on ``self.tpla`` (set by :mod:`.weights` when T
   cached prefix take the absorbed MLA path (the MHA prefix paths would read 512-wide
   latents from the sliced pool).
 * AROUND ``DeepseekMLAForwardMixin.forward_absorb_prepare`` (decode): every rank computes
-  the full latent (replicated ``kv_a_proj``) with exact RMSNorm, the queries of all heads
+  the full latent (replicated ``kv_a_proj``) with exact RMSNorm (or, with ``norm: local``, its
+  latent slice over the slice's own RMS: the paper's local RMSNorm, decode rows only; the
+  prefill rows stay exact, as the reference's ``pd_sep``), the queries of all heads
   of its group (its rows of ``q_b_proj``) absorbed with its latent columns of W_UK.
 * AROUND ``DeepseekMLAForwardMixin.forward_absorb_core``: decode attends over the rank's
   slice with its own softmax (the ``tpla`` backend), applies its rows of W_UV and its heads'
@@ -44,9 +46,22 @@ def _dispatch(orig, self, forward_batch):
         return method
     from sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods import AttnForwardMethod
 
+    if _tpla_step(self, forward_batch):  # prefill='tpla': extend runs the TPLA absorbed path
+        return AttnForwardMethod.MLA
     if forward_batch.extend_prefix_lens_cpu is not None and sum(forward_batch.extend_prefix_lens_cpu) > 0:
         return AttnForwardMethod.MLA
     return method
+
+
+def _tpla_step(self, forward_batch) -> bool:
+    """Does this batch attend with TPLA?  Decode always; extend only with ``prefill='tpla'``
+    (the paper's plain TPLA, "TPLA everywhere"); the default ``prefill='exact'`` is pd-sep."""
+    mode = forward_batch.forward_mode
+    if mode.is_decode():
+        return True
+    return (
+        mode.is_extend() and not mode.is_target_verify() and self.tpla.runtime.config.prefill == "tpla"
+    )
 
 
 def _tpla_attn(self):
@@ -63,7 +78,7 @@ def _tpla_attn(self):
 
 def _prepare(orig, self, positions, hidden_states, forward_batch, zero_allocator, *args, **kwargs):
     w = getattr(self, "tpla", None)
-    if w is None or not forward_batch.forward_mode.is_decode():
+    if w is None or not _tpla_step(self, forward_batch):
         return orig(self, positions, hidden_states, forward_batch, zero_allocator, *args, **kwargs)
     r = self.kv_lora_rank
     if self.q_lora_rank is not None:
@@ -73,7 +88,10 @@ def _prepare(orig, self, positions, hidden_states, forward_batch, zero_allocator
         q = self.q_a_layernorm(q)
     else:
         q, latent = hidden_states, self.kv_a_proj_with_mqa(hidden_states)[0]
-    k_nope = self.kv_a_layernorm(latent[..., :r])  # exact RMSNorm over the full latent
+    if w.local_norm_scale is None:
+        k_nope = self.kv_a_layernorm(latent[..., :r])  # exact RMSNorm over the full latent
+    else:  # norm 'local': the written row is this slice over its own RMS (x sqrt(g p_j), x the gain's slice)
+        k_nope = _local_norm(self, latent[..., :r], w)
     q = F.linear(q, w.q_weight).view(-1, w.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim)
     q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
     k_pe = latent[..., r:].unsqueeze(1)
@@ -81,6 +99,18 @@ def _prepare(orig, self, positions, hidden_states, forward_batch, zero_allocator
     q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
     k_slice = k_nope[..., w.latent_start : w.latent_end].unsqueeze(1)
     return (q_pe, k_pe, q_lat, k_slice, forward_batch, zero_allocator, positions, None, None, None)
+
+
+def _local_norm(self, c: torch.Tensor, w) -> torch.Tensor:
+    """``[T, R]`` with only this rank's columns meaningful: ``c_j / RMS(c_j) * sqrt(g p_j) * gamma_j``
+    (the reference's ``normalize_latent(c, eps, 'local', g, p) * gamma``); other columns are zero."""
+    lo, hi = w.latent_start, w.latent_end
+    cs = c[..., lo:hi].float()
+    ln = self.kv_a_layernorm
+    cs = cs * torch.rsqrt(cs.pow(2).mean(-1, keepdim=True) + ln.variance_epsilon) * w.local_norm_scale
+    out = torch.zeros_like(c)
+    out[..., lo:hi] = (cs * ln.weight[lo:hi].float()).to(c.dtype)
+    return out
 
 
 def _core(orig, self, q_pe, k_pe, q_nope_out, k_nope, forward_batch, *args, **kwargs):
@@ -92,6 +122,10 @@ def _core(orig, self, q_pe, k_pe, q_nope_out, k_nope, forward_batch, *args, **kw
         k = torch.cat([k_nope, k_pe], dim=-1)
         o = _tpla_attn(self)(q, k, k_nope, forward_batch, save_kv_cache=True)
         o = o.view(-1, w.num_heads, w.latent_end - w.latent_start)
+        v = torch.bmm(o.transpose(0, 1), w.w_vc.to(o.dtype)).transpose(0, 1).flatten(1, 2)
+        return F.linear(v, w.o_weight.to(v.dtype))
+    if _tpla_step(self, forward_batch):  # extend with prefill='tpla'
+        o = _tpla_extend(self, q_pe, k_pe, q_nope_out, k_nope, forward_batch)
         v = torch.bmm(o.transpose(0, 1), w.w_vc.to(o.dtype)).transpose(0, 1).flatten(1, 2)
         return F.linear(v, w.o_weight.to(v.dtype))
     if forward_batch.forward_mode.is_extend() and not forward_batch.forward_mode.is_target_verify():
@@ -149,6 +183,37 @@ def _exact_extend(self, q_pe, k_pe, q_lat, k_nope, forward_batch):
         if p:
             ckv = torch.cat([pre_lat[start_p : start_p + p].float(), ckv])
             kpe = torch.cat([pre_pe[start_p : start_p + p].float(), kpe])
+        ql, qp = q_lat[start_q : start_q + n].float(), q_pe[start_q : start_q + n].float()
+        out[start_q : start_q + n] = latent_attention(ql, qp, ckv, kpe, layer.scaling, causal_offset=p).to(out.dtype)
+        start_q += n
+        start_p += p
+    return out
+
+
+def _tpla_extend(self, q_pe, k_pe, q_lat, k_slice, forward_batch):
+    """Plain TPLA for an extend batch (``prefill='tpla'``): every token attends, causally, over
+    this rank's latent slice (cached prefix + new tokens) with its own softmax, exactly like a
+    decode step; returns ``[T, Hg, D]``.  Only the rank's own slice is read (no all-gather)."""
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+    from sglang.srt.model_executor.forward_context import get_attn_backend
+
+    backend = get_attn_backend()
+    pool = backend.token_to_kv_pool
+    layer = self.attn_mqa
+    pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), torch.cat([k_slice, k_pe], -1), None)
+    d = k_slice.shape[-1]
+    prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
+    ext_lens = list(forward_batch.extend_seq_lens_cpu)
+    if sum(prefix_lens):
+        slots = _prefix_slots(backend, forward_batch, prefix_lens).to(k_slice.device)
+        pre = pool.get_key_buffer(layer.layer_id)[slots].reshape(len(slots), -1)  # [P, D + rope], own slice
+    out = torch.empty_like(q_lat)
+    start_q = start_p = 0
+    for p, n in zip(prefix_lens, ext_lens):
+        ckv, kpe = k_slice[start_q : start_q + n, 0].float(), k_pe[start_q : start_q + n, 0].float()
+        if p:
+            ckv = torch.cat([pre[start_p : start_p + p, :d].float(), ckv])
+            kpe = torch.cat([pre[start_p : start_p + p, d:].float(), kpe])
         ql, qp = q_lat[start_q : start_q + n].float(), q_pe[start_q : start_q + n].float()
         out[start_q : start_q + n] = latent_attention(ql, qp, ckv, kpe, layer.scaling, causal_offset=p).to(out.dtype)
         start_q += n

@@ -5,7 +5,7 @@ Options reach every SGLang process through either
 * ``--json-model-override-args '{"tpla": {"g": 2, "transform": "hadamard"}}'`` (merged into
   the HF config, so every TP worker sees ``config.tpla``), or
 * environment variables ``SGLANG_TPLA_G``, ``SGLANG_TPLA_TRANSFORM``, ``SGLANG_TPLA_SEED``,
-  ``SGLANG_TPLA_CALIBRATION``, ``SGLANG_TPLA_MU`` (inherited by every worker).
+  ``SGLANG_TPLA_CALIBRATION``, ``SGLANG_TPLA_MU``, ``SGLANG_TPLA_NORM``, ``SGLANG_TPLA_PREFILL`` (inherited by every worker).
 
 The JSON form wins over the environment.  TPLA itself is switched on by the attention
 backend name ``tpla`` (``--decode-attention-backend tpla``).
@@ -23,14 +23,20 @@ from .calibration import CALIBRATE_HINT
 from .layout import TPLALayout, check_layout
 from .transforms import TRANSFORM_KINDS
 
-MU_CHOICES = ("one", "inv_p")
-_KEYS = {"g", "transform", "seed", "calibration", "mu"}
+MU_CHOICES = ("one", "inv_p", "lsq")
+NORM_CHOICES = ("exact", "local")
+# prefill: "exact" = pd-sep (prompt/extend tokens run exact MLA), "tpla" = the paper's plain TPLA
+# (extend tokens also attend over each rank's latent slice with their own softmax, like decode)
+PREFILL_CHOICES = ("exact", "tpla")
+_KEYS = {"g", "transform", "seed", "calibration", "mu", "norm", "prefill"}
 _ENV = {
     "g": "SGLANG_TPLA_G",
     "transform": "SGLANG_TPLA_TRANSFORM",
     "seed": "SGLANG_TPLA_SEED",
     "calibration": "SGLANG_TPLA_CALIBRATION",
     "mu": "SGLANG_TPLA_MU",
+    "norm": "SGLANG_TPLA_NORM",
+    "prefill": "SGLANG_TPLA_PREFILL",
 }
 
 
@@ -44,7 +50,9 @@ class TPLAConfig:
     transform: str = "hadamard"
     seed: int = 0
     calibration: str | None = None  # transform file for 'pca'
-    mu: str = "one"
+    mu: str = "one"  # 'lsq': least-squares mu_j fit on the calibration file's logit pairs
+    norm: str = "exact"  # 'local': decode rows normalised over their own latent slice (the paper's local RMSNorm)
+    prefill: str = "exact"  # PREFILL_CHOICES: "exact" = pd-sep, "tpla" = TPLA everywhere
 
     def resolved_g(self, attn_tp_size: int) -> int:
         return attn_tp_size if self.g is None else self.g
@@ -93,8 +101,14 @@ def from_sources(json_opts: dict | None = None, environ: dict | None = None) -> 
     mu = str(raw.get("mu", "one"))
     if mu not in MU_CHOICES:
         raise TPLAConfigError(f"TPLA: unknown mu mode {mu!r}; choose one of {list(MU_CHOICES)}")
+    norm = str(raw.get("norm", "exact"))
+    if norm not in NORM_CHOICES:
+        raise TPLAConfigError(f"TPLA: unknown norm {norm!r}; choose one of {list(NORM_CHOICES)}")
+    prefill = str(raw.get("prefill", "exact"))
+    if prefill not in PREFILL_CHOICES:
+        raise TPLAConfigError(f"TPLA: unknown prefill mode {prefill!r}; choose one of {list(PREFILL_CHOICES)}")
     calibration = raw.get("calibration") or None
-    return TPLAConfig(g=g, transform=transform, seed=seed, calibration=calibration, mu=mu)
+    return TPLAConfig(g=g, transform=transform, seed=seed, calibration=calibration, mu=mu, norm=norm, prefill=prefill)
 
 
 def validate_for_model(cfg: TPLAConfig, hf_config, attn_tp_size: int) -> TPLALayout:
@@ -111,6 +125,15 @@ def validate_for_model(cfg: TPLAConfig, hf_config, attn_tp_size: int) -> TPLALay
         check_layout(attn_tp_size, g, hf_config.num_attention_heads, kv_lora_rank, hf_config.qk_rope_head_dim)
     except ValueError as e:
         raise TPLAConfigError(f"{e} (attention TP size {attn_tp_size}; set g with SGLANG_TPLA_G or {{\"tpla\": {{\"g\": ...}}}})") from None
+    if cfg.mu == "lsq" and not cfg.calibration:
+        raise TPLAConfigError(
+            f"TPLA mu 'lsq' fits the logit scales on a calibration file ({CALIBRATE_HINT}); pass "
+            '{"tpla": {"mu": "lsq", "calibration": "FILE"}} (or SGLANG_TPLA_CALIBRATION=FILE), or use mu "one"/"inv_p".'
+        )
+    if cfg.calibration and not Path(cfg.calibration).is_file():
+        raise TPLAConfigError(
+            f"TPLA calibration file {cfg.calibration!r} does not exist; fix the path or {CALIBRATE_HINT}."
+        )
     if cfg.transform == "pca":
         if not cfg.calibration:
             raise TPLAConfigError(

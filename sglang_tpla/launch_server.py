@@ -5,7 +5,8 @@ Translates the TPLA flags and hands over to SGLang's own launcher
 
 * ``--enable-tpla`` -> ``--decode-attention-backend tpla``
 * ``--tpla-g N``, ``--tpla-transform {none,hadamard,pca}``, ``--tpla-seed S``,
-  ``--tpla-calibration FILE``, ``--tpla-mu {one,inv_p}`` -> merged into
+  ``--tpla-calibration FILE``, ``--tpla-mu {one,inv_p,lsq}``, ``--tpla-norm {exact,local}``,
+  ``--tpla-prefill {exact,tpla}`` -> merged into
   ``--json-model-override-args`` under ``"tpla"`` (an existing JSON value is kept and extended).
 """
 
@@ -16,7 +17,7 @@ import json
 import os
 import sys
 
-from .config import MU_CHOICES
+from .config import MU_CHOICES, NORM_CHOICES, PREFILL_CHOICES
 from .transforms import TRANSFORM_KINDS
 
 
@@ -28,6 +29,8 @@ def translate(argv: list[str]) -> list[str]:
     ap.add_argument("--tpla-seed", type=int)
     ap.add_argument("--tpla-calibration")
     ap.add_argument("--tpla-mu", choices=MU_CHOICES)
+    ap.add_argument("--tpla-norm", choices=NORM_CHOICES)
+    ap.add_argument("--tpla-prefill", choices=PREFILL_CHOICES)
     ap.add_argument("--json-model-override-args")
     ours, rest = ap.parse_known_args(argv)
     opts = {
@@ -38,6 +41,8 @@ def translate(argv: list[str]) -> list[str]:
             ("seed", ours.tpla_seed),
             ("calibration", ours.tpla_calibration),
             ("mu", ours.tpla_mu),
+            ("norm", ours.tpla_norm),
+            ("prefill", ours.tpla_prefill),
         )
         if v is not None
     }

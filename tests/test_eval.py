@@ -1,0 +1,94 @@
+"""The fidelity evaluation end to end (reduced): real TP=2 servers, teacher-forced decode.
+
+Runs ``sglang_tpla.eval`` on the random tiny model with random token ids and checks
+
+* the teacher-forcing mechanism: the served full next-token distributions at every forced
+  position equal the fp32 reference's teacher-forced ``score`` (MLA server vs mode ``mla``,
+  pd-sep server vs ``pd_sep``, TPLA-everywhere server vs ``tpla``), so the returned log-probs
+  are the model's, not the forcing processor's, and every forced position after the first
+  is a decode step;
+* the orderings: g=1 (the Hadamard-folded, unsliced model) identical to MLA; pd-sep no worse
+  than TPLA everywhere.  (Exact vs local-slice RMSNorm has no defined order on random weights;
+  on the trained asset it did not hold either: see the README's fidelity section.)
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_tpla.eval import run_eval
+from sglang_tpla.reference_model import AttentionMode
+
+from serving_utils import reference, tiny_model
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-4  # fp32 server vs fp32 reference (log-probabilities), as in test_serving_tp2
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # The random tiny model: on it every check below was measured to hold.  On the trained asset
+    # (tests/assets/tiny-deepseek-trained) the served TPLA distributions differ from the fp32
+    # reference by ~1.3e-3 and the pd-sep / exact-norm orderings are within noise
+    # (results/fidelity/results.md): open, reported in the README, not asserted here.
+    return tiny_model(tmp_path_factory, seed=2)
+
+
+@pytest.fixture(scope="module")
+def result(model_dir, tmp_path_factory):
+    variants = ["hadamard:1:pd_sep", "hadamard:2:pd_sep", "hadamard:2:tpla"]
+    argv = ["--model-path", str(model_dir), "--tp", "2", "--num-docs", "2", "--prompt-len", "24", "--gen-len", "24",
+            "--data", "random", "--out", str(tmp_path_factory.mktemp("eval"))]
+    for v in variants:
+        argv += ["--variant", v]
+    return run_eval(argv)
+
+
+def _row(result, name):
+    return next(r for r in result["results"] if r["variant"] == name)
+
+
+def test_reports_written(result):
+    out = Path(result["meta"]["out"])
+    for f in ("results.md", "results.json", "kl_agreement_vs_position.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert json.loads((out / "results.json").read_text())["results"][0]["variant"] == "MLA"
+    names = [r["variant"] for r in result["results"]]
+    assert names[0] == "MLA" and "hadamard g=2 pd-sep" in names and "hadamard g=2 tpla-everywhere" in names
+
+
+@pytest.mark.parametrize(
+    "name,kind,transform",
+    [("MLA", "mla", "none"), ("hadamard g=2 pd-sep", "pd_sep", "hadamard"), ("hadamard g=2 tpla-everywhere", "tpla", "hadamard")],
+)
+def test_forced_decode_distributions_match_reference(result, model_dir, name, kind, transform):
+    ref = reference(model_dir, transform, seed=0)
+    mode = AttentionMode(kind, g=1 if kind == "mla" else 2)
+    run = result["runs"][name]
+    worst = 0.0
+    for doc, dist in zip(result["docs"], run.dists):
+        ids, p = doc["prompt"] + doc["continuation"], len(doc["prompt"])
+        want = torch.log_softmax(ref.score(ids, p, mode).double(), -1)[p - 1 : len(ids) - 1]
+        assert dist.shape == want.shape and torch.isfinite(dist).all()
+        worst = max(worst, float((dist - want).abs().max()))
+    print(f"{name}: max |served - reference| over the full distribution, all forced positions: {worst:.2e}")
+    assert worst < TOL
+
+
+def test_g1_folded_unsliced_is_mla(result):
+    r = _row(result, "hadamard g=1 pd-sep")
+    print({k: r[k] for k in ("kl_max", "max_abs_dlogprob", "top1_agreement", "greedy_equal_fraction")})
+    # fp32 rounding of the folded weights only (measured on the random tiny model: 2.4e-6 / KL 2.6e-7;
+    # TPLA g=2 is at KL ~1e-1 there)
+    assert r["max_abs_dlogprob"] < TOL and r["kl_max"] < 1e-5
+    assert r["top1_agreement"] == 1.0 and r["greedy_equal_fraction"] == 1.0
+
+
+def test_pd_sep_no_worse_than_tpla_everywhere(result):
+    pd, tp = _row(result, "hadamard g=2 pd-sep"), _row(result, "hadamard g=2 tpla-everywhere")
+    print(f"KL pd-sep {pd['kl_mean']:.3e} vs everywhere {tp['kl_mean']:.3e}; top-1 {pd['top1_agreement']:.3f} vs {tp['top1_agreement']:.3f}")
+    assert pd["kl_mean"] > 0  # decode is approximate
+    assert pd["kl_mean"] <= tp["kl_mean"]
