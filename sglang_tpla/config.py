@@ -79,6 +79,13 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _choice(raw: dict, key: str, default: str, choices, what: str) -> str:
+    value = str(raw.get(key, default))
+    if value not in choices:
+        raise TPLAConfigError(f"TPLA: unknown {what} {value!r}; choose one of {list(choices)}")
+    return value
+
+
 def from_sources(json_opts: dict | None = None, environ: dict | None = None) -> TPLAConfig:
     """Merge the JSON override (``config.tpla``) over the environment and validate types."""
     env = os.environ if environ is None else environ
@@ -95,18 +102,10 @@ def from_sources(json_opts: dict | None = None, environ: dict | None = None) -> 
         seed = int(raw.get("seed", 0))
     except (TypeError, ValueError) as e:
         raise TPLAConfigError(f"TPLA: g and seed must be integers ({e}); e.g. SGLANG_TPLA_G=2") from None
-    transform = str(raw.get("transform", "hadamard"))
-    if transform not in TRANSFORM_KINDS:
-        raise TPLAConfigError(f"TPLA: unknown transform {transform!r}; choose one of {list(TRANSFORM_KINDS)}")
-    mu = str(raw.get("mu", "one"))
-    if mu not in MU_CHOICES:
-        raise TPLAConfigError(f"TPLA: unknown mu mode {mu!r}; choose one of {list(MU_CHOICES)}")
-    norm = str(raw.get("norm", "exact"))
-    if norm not in NORM_CHOICES:
-        raise TPLAConfigError(f"TPLA: unknown norm {norm!r}; choose one of {list(NORM_CHOICES)}")
-    prefill = str(raw.get("prefill", "exact"))
-    if prefill not in PREFILL_CHOICES:
-        raise TPLAConfigError(f"TPLA: unknown prefill mode {prefill!r}; choose one of {list(PREFILL_CHOICES)}")
+    transform = _choice(raw, "transform", "hadamard", TRANSFORM_KINDS, "transform")
+    mu = _choice(raw, "mu", "one", MU_CHOICES, "mu mode")
+    norm = _choice(raw, "norm", "exact", NORM_CHOICES, "norm")
+    prefill = _choice(raw, "prefill", "exact", PREFILL_CHOICES, "prefill mode")
     calibration = raw.get("calibration") or None
     return TPLAConfig(g=g, transform=transform, seed=seed, calibration=calibration, mu=mu, norm=norm, prefill=prefill)
 
