@@ -70,7 +70,7 @@ start() {  # name, health url, command...
 case "${1:-}" in
 prefill)
     extra=()
-    [ "$CONVERTED" = 1 ] || [ "$TRANSFORM" = identity ] || extra=(--json-model-override-args "$(opts prefill)")
+    [ "$CONVERTED" = 1 ] || [ "$TRANSFORM" = none ] || extra=(--json-model-override-args "$(opts prefill)")
     # shellcheck disable=SC2086
     start prefill "http://$PREFILL_HOST:$PREFILL_PORT/health" "$PYTHON" -m sglang.launch_server "${common[@]}" \
         --tp "$PREFILL_TP" --host "$PREFILL_HOST" --port "$PREFILL_PORT" --disaggregation-mode prefill \

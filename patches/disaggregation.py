@@ -11,10 +11,12 @@ Hooks (SGLang 0.5.23, ``sglang.srt.disaggregation``):
 Prefill side (the plugin is installed there; TPLA itself stays off):
 
 * AROUND ``prefill.PrefillBootstrapQueue._init_kv_manager``: remembers the KV pool tensors
-  on the transfer manager (the sliced sender packs from them).
+  on the transfer manager (the sliced sender packs from them) and registers its staging
+  buffers.
 * AROUND ``mooncake.conn.MooncakeKVManager.send_kvcache``: when the decode peer's
   registered ``dst_kv_item_len`` is a TPLA row (``R/g + rope``), packs each layer's
-  ``[latent[lo:hi] | RoPE]`` rows of the chunk into a registered staging buffer and sends
+  ``[latent[lo:hi] | RoPE]`` rows of the chunk into a staging buffer (registered when the
+  manager is built, one per transfer queue, ``SGLANG_TPLA_PD_STAGING_MB`` each) and sends
   one transfer per run of consecutive destination pages and layer; anything it cannot
   serve fails the request with the reason logged.  Plain MLA peers take SGLang's path.
 * AFTER ``common.conn.CommonKVManager.register_to_bootstrap``: each prefill rank also
@@ -35,10 +37,11 @@ Decode side (TPLA on):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import threading
+import queue
 import time
 
 import numpy as np
@@ -66,6 +69,7 @@ HOOK_TARGETS = (
 
 DIGEST_ENV = "SGLANG_TPLA_PD_DIGEST_DIR"
 STAGING_ENV = "SGLANG_TPLA_PD_STAGING_MB"
+STAGING_DEFAULT_MB = 32
 BASIS_ROUTE = "/tpla_basis"
 
 
@@ -75,6 +79,8 @@ BASIS_ROUTE = "/tpla_basis"
 def _init_kv_manager(orig, self, *args, **kwargs):
     mgr = orig(self, *args, **kwargs)
     mgr._tpla_src_pool = self.token_to_kv_pool
+    if hasattr(mgr, "_register_staging_memory") and getattr(mgr, "is_mla_backend", False):
+        mgr._tpla_staging = _StagingPool(mgr, self.token_to_kv_pool.kv_buffer[0].device)
     return mgr
 
 
@@ -90,21 +96,34 @@ def _src_buffers(mgr) -> list[torch.Tensor]:
     return bufs
 
 
-class _Staging(threading.local):
-    """One registered staging buffer per transfer worker thread and manager."""
+class _StagingPool:
+    """Registered staging buffers of one prefill transfer manager, one per transfer queue.
 
-    def get(self, mgr, device: torch.device) -> torch.Tensor:
-        key = (id(mgr), str(device))
-        cache = self.__dict__.setdefault("bufs", {})
-        if key not in cache:
-            nbytes = int(float(os.environ.get(STAGING_ENV, "64")) * (1 << 20))
+    Like SGLang's own staging buffers they are allocated and registered with the transfer
+    engine when the manager is built, so the memory they take is fixed and known at start-up
+    and nothing is registered on the transfer path.  A sender takes a buffer for the whole of
+    one chunk and gives it back.
+    """
+
+    def __init__(self, mgr, device: torch.device):
+        count = max(1, len(getattr(mgr, "transfer_queues", ())))
+        nbytes = int(float(os.environ.get(STAGING_ENV, str(STAGING_DEFAULT_MB))) * (1 << 20))
+        self.nbytes = nbytes
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(count if nbytes > 0 else 0):
             buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
             mgr._register_staging_memory(buf.data_ptr(), nbytes)
-            cache[key] = buf
-        return cache[key]
+            self._free.put(buf)
 
-
-_staging = _Staging()
+    @contextlib.contextmanager
+    def take(self):
+        if self.nbytes <= 0:
+            raise PDLayoutError(f"{STAGING_ENV}=0 on this prefill node: it cannot send to TPLA decode nodes")
+        buf = self._free.get()
+        try:
+            yield buf
+        finally:
+            self._free.put(buf)
 
 
 def _send_kvcache(orig, self, mooncake_session_id, prefill_kv_indices, dst_kv_ptrs, dst_kv_indices, executor, *args, **kwargs):
@@ -136,11 +155,18 @@ def _send_kvcache(orig, self, mooncake_session_id, prefill_kv_indices, dst_kv_pt
 
 def _send_sliced(mgr, session_id, prefill_pages, dst_ptrs, dst_pages, sl, dst_rank) -> int:
     bufs = _src_buffers(mgr)
+    pool = getattr(mgr, "_tpla_staging", None)
+    if pool is None:
+        raise PDLayoutError("no staging buffers on this transfer manager")
+    with pool.take() as stage:
+        return _send_packed(mgr, session_id, bufs, prefill_pages, dst_ptrs, dst_pages, sl, dst_rank, stage)
+
+
+def _send_packed(mgr, session_id, bufs, prefill_pages, dst_ptrs, dst_pages, sl, dst_rank, stage) -> int:
     page = mgr.kv_args.page_size
     dtype, device = bufs[0].dtype, bufs[0].device
     elem = bufs[0].element_size()
     dst_item = page * sl.row_width * elem
-    stage = _staging.get(mgr, device)
     cap_pages = stage.numel() // dst_item
     if cap_pages == 0:
         raise PDLayoutError(f"staging buffer ({stage.numel()} B) smaller than one page ({dst_item} B): raise {STAGING_ENV}")

@@ -176,7 +176,9 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
     for attn, u in zip(layers, rotations):
         if u is not None:
             _fold(attn, u)
-    _record(self.config, cfg.fingerprint(), "folded at load" if not converted else "checkpoint converted by sglang_tpla.convert")
+    source = ("checkpoint converted by sglang_tpla.convert" if converted
+              else "checkpoint as is" if cfg.transform == "none" else "folded at load")
+    _record(self.config, cfg.fingerprint(), source)
     result = orig(self, is_nextn=is_nextn, weight_names=weight_names)
     if rt is None:  # PD prefill node: exact MLA in the agreed basis, nothing to slice
         logger.info("TPLA: PD prefill node, folded transform %s into %d layers (exact MLA)", cfg.fingerprint(), len(layers))

@@ -66,7 +66,7 @@ class TPLAConfig:
             return f"hadamard:seed={self.seed}"
         if self.transform == "pca":
             return f"pca:sha256={file_sha256(self.calibration)[:16] if self.calibration else '?'}"
-        return self.transform
+        return "identity"  # transform none: the checkpoint's own basis
 
 
 def file_sha256(path: str | Path) -> str:

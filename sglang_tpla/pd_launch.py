@@ -4,7 +4,7 @@
         --transform hadamard --log-dir logs/pd [--demo] [--hold]
 
 * Prefill nodes run stock SGLang MLA (``--disaggregation-mode prefill``); with a transform
-  other than ``identity`` they fold it at load (``{"tpla": {"transform": ...}}``) unless
+  other than ``none`` they fold it at load (``{"tpla": {"transform": ...}}``) unless
   the checkpoint was converted offline (``python -m sglang_tpla.convert``).  The plugin must
   be installed there (it sends each decode rank its latent slice).
 * Decode nodes run TPLA (``--decode-attention-backend tpla``, ``--disaggregation-mode decode``).
@@ -95,10 +95,17 @@ class PDDeployment:
             args += ["--disable-overlap-schedule"]
         return args
 
-    def _env(self) -> dict:
+    def node_env(self) -> dict:
+        """Environment of every server of this deployment (spec.env plus the loopback settings)."""
         env = {**self.spec.env}
         if self.spec.transfer_backend == "mooncake_tcp" and self.spec.host in ("127.0.0.1", "localhost"):
             env.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
+            # mooncake 0.3.13.post1's acknowledged TCP framing (v2) left transfers hanging on this
+            # loopback setup, stock SGLang MLA included: the receiver's socket held the request
+            # unread while its transport thread sat idle, and the sender gave up after 30 s.  The
+            # legacy framing does not wait for the receiver's acknowledgement; the PD tests check
+            # every received row against a digest of what was sent.
+            env.setdefault("MC_TCP_PROTO", "1")
         return env
 
     def build(self) -> "PDDeployment":
@@ -107,10 +114,10 @@ class PDDeployment:
         for i in range(s.num_prefill):
             bport = free_port()
             args = ["--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bport), *self._common()]
-            if s.fold_on_prefill and s.transform != "identity":
+            if s.fold_on_prefill and s.transform != "none":
                 args += ["--json-model-override-args", json.dumps({"tpla": s.tpla_options(decode=False)})]
             self.prefills.append(
-                ServerProcess(s.model_path, s.prefill_tp, [*args, *s.prefill_args], env=self._env(),
+                ServerProcess(s.model_path, s.prefill_tp, [*args, *s.prefill_args], env=self.node_env(),
                               log_path=self.log_dir / f"prefill{i}.log", name=f"prefill{i}",
                               startup_timeout=s.startup_timeout, ready_path="/health")
             )
@@ -119,7 +126,7 @@ class PDDeployment:
             "--disaggregation-mode", "decode", "--decode-attention-backend", "tpla",
             "--json-model-override-args", json.dumps({"tpla": s.tpla_options(decode=True)}), *self._common(),
         ]
-        self.decode = ServerProcess(s.model_path, s.decode_tp, [*dargs, *s.decode_args], env=self._env(),
+        self.decode = ServerProcess(s.model_path, s.decode_tp, [*dargs, *s.decode_args], env=self.node_env(),
                                     log_path=self.log_dir / "decode.log", name="decode",
                                     startup_timeout=s.startup_timeout, ready_path="/health")
         return self
@@ -217,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-tp", type=int, default=1)
     p.add_argument("--decode-tp", type=int, default=2)
     p.add_argument("--g", type=int, default=None, help="latent groups on the decode node (default: decode TP)")
-    p.add_argument("--transform", default="hadamard", choices=["identity", "hadamard", "pca"])
+    p.add_argument("--transform", default="hadamard", choices=["none", "hadamard", "pca"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration", help="transform file for --transform pca (same file on both nodes)")
     p.add_argument("--mu", choices=["one", "inv_p", "lsq"])

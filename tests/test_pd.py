@@ -55,7 +55,7 @@ def deployment_a(model, tmp_path_factory, expected):
     # A prefill node in another basis (unrotated checkpoint), not behind the router.
     bport = free_port()
     stranger = ServerProcess(
-        model, tp=1, name="prefill-identity", env={**dep.spec.env, "MC_TCP_BIND_ADDRESS": "127.0.0.1"},
+        model, tp=1, name="prefill-identity", env=dep.node_env(),
         args=[*FP32, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bport), *dep._common()],
         log_path=dep.log_dir / "prefill-identity.log", ready_path="/health",
     )

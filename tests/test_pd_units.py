@@ -68,3 +68,23 @@ def test_other_model_and_split_ranks_are_refused(decode_node):
 @pytest.mark.parametrize("kw", [{"pp_size": 2}, {"attn_cp_size": 2}, {"enable_kv_cache_sharding": True}])
 def test_unsupported_prefill_parallelism_is_refused(decode_node, kw):
     assert "pipeline parallelism" in decode_node(_Resp(200, {"ranks": _ranks()}), _info(**kw))
+
+
+def test_untransformed_decode_node_matches_an_unconverted_prefill_node():
+    # the decode node with transform none records TPLAConfig.fingerprint(); a prefill node serving
+    # the checkpoint as is records "identity" (patches/weights.py): they must be the same basis
+    assert TPLAConfig(g=2, transform="none").fingerprint() == "identity"
+
+
+def test_pd_launch_folds_on_prefill_only_for_a_transform(tmp_path):
+    from sglang_tpla.pd_launch import PDDeployment, PDSpec
+
+    def prefill_args(transform):
+        dep = PDDeployment(PDSpec(model_path="m", transform=transform, log_dir=str(tmp_path))).build()
+        return dep.prefills[0].args, dep.decode.args
+
+    p_none, d_none = prefill_args("none")
+    assert "--json-model-override-args" not in p_none
+    assert '"transform": "none"' in d_none[d_none.index("--json-model-override-args") + 1]
+    p_had, _ = prefill_args("hadamard")
+    assert '"transform": "hadamard"' in p_had[p_had.index("--json-model-override-args") + 1]
