@@ -377,7 +377,7 @@ def reference_check(model_path: str, runs: dict, docs: list[Doc], seed: int = 0)
     from .tiny_model import load_model
     from .transforms import fold_state_dict, make_rotation
 
-    cfg, sd = load_model(model_path)
+    cfg, sd = load_model(model_path, dtype=torch.float32)
     models: dict = {}
     out = {}
     for name, run in runs.items():

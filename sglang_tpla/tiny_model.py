@@ -135,7 +135,13 @@ def save_model(path: str | Path, cfg: dict, state_dict: dict[str, torch.Tensor])
     return path
 
 
-def load_model(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Config and state dict of a model dir; ``dtype`` casts the floating-point tensors.
+
+    The fp32 reference must be built from ``dtype=torch.float32`` *before* a transform is
+    folded in: folding keeps the input dtype, so folding a bf16 checkpoint as stored rounds the
+    folded weights to bf16, while a server run with ``--dtype float32`` folds in fp32.
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -143,6 +149,8 @@ def load_model(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     sd = {}
     for f in sorted(path.glob("*.safetensors")):
         sd.update(load_file(str(f)))
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     return cfg, sd
 
 

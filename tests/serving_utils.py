@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from sglang_tpla.reference_model import AttentionMode, ReferenceDeepseek
 from sglang_tpla.tiny_model import build_tiny_model_dir, load_model
 from sglang_tpla.transforms import fold_state_dict, make_rotation
@@ -22,7 +24,7 @@ def tiny_model(tmp_path_factory, seed: int = 0) -> Path:
 
 
 def reference(model_dir: Path, transform: str = "none", seed: int = 0) -> ReferenceDeepseek:
-    cfg, sd = load_model(model_dir)
+    cfg, sd = load_model(model_dir, dtype=torch.float32)
     if transform != "none":
         sd = fold_state_dict(sd, make_rotation(transform, cfg["kv_lora_rank"], seed=seed))
     return ReferenceDeepseek(cfg, sd)

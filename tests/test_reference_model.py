@@ -58,3 +58,24 @@ def test_generate_returns_greedy_tokens_and_logprobs(tiny_cfg, tiny_sd):
     for k, tok in enumerate(toks):
         assert tok == int(lp[4 + k].argmax())
         assert abs(lps[k] - float(lp[4 + k, tok])) < 1e-6
+
+
+def test_reference_of_a_bf16_checkpoint_folds_in_fp32(tmp_path):
+    # A server run with --dtype float32 loads bf16 weights as fp32 and folds in fp32; the oracle must
+    # do the same (load_model(dtype=float32) before fold_state_dict).  Folding the bf16 tensors as
+    # stored rounds the folded weights to bf16: that was a 1.2-1.7e-3 logprob gap on the trained asset.
+    from sglang_tpla.tiny_model import load_model
+    from sglang_tpla.transforms import fold_state_dict, make_rotation
+
+    cfg = tiny_config()
+    save_model(tmp_path, cfg, {k: v.to(torch.bfloat16) for k, v in random_state_dict(cfg, seed=4).items()})
+    u = make_rotation("hadamard", cfg["kv_lora_rank"], seed=0)
+    _, sd32 = load_model(tmp_path, dtype=torch.float32)
+    assert all(v.dtype == torch.float32 for v in sd32.values() if v.is_floating_point())
+    plain = ReferenceDeepseek(cfg, sd32).score(IDS, len(IDS), AttentionMode("mla")).double()
+    folded = ReferenceDeepseek(cfg, fold_state_dict(sd32, u)).score(IDS, len(IDS), AttentionMode("mla")).double()
+    _, sd16 = load_model(tmp_path)
+    rounded = ReferenceDeepseek(cfg, fold_state_dict(sd16, u)).score(IDS, len(IDS), AttentionMode("mla")).double()
+    lsm = lambda x: torch.log_softmax(x, -1)  # noqa: E731
+    assert (lsm(folded) - lsm(plain)).abs().max() < 2e-5  # the fold is exact in fp32
+    assert (lsm(rounded) - lsm(plain)).abs().max() > 10 * (lsm(folded) - lsm(plain)).abs().max()
