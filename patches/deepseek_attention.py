@@ -88,29 +88,26 @@ def _prepare(orig, self, positions, hidden_states, forward_batch, zero_allocator
         q = self.q_a_layernorm(q)
     else:
         q, latent = hidden_states, self.kv_a_proj_with_mqa(hidden_states)[0]
-    if w.local_norm_scale is None:
-        k_nope = self.kv_a_layernorm(latent[..., :r])  # exact RMSNorm over the full latent
-    else:  # norm 'local': the written row is this slice over its own RMS (x sqrt(g p_j), x the gain's slice)
-        k_nope = _local_norm(self, latent[..., :r], w)
+    lo, hi = w.latent_start, w.latent_end
+    if w.local_norm_scale is None:  # exact RMSNorm over the full latent, then this rank's columns
+        k_slice = self.kv_a_layernorm(latent[..., :r])[..., lo:hi]
+    else:  # norm 'local': this slice over its own RMS (x sqrt(g p_j), x the gain's slice)
+        k_slice = _local_norm(self, latent[..., lo:hi], w)
     q = F.linear(q, w.q_weight).view(-1, w.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim)
     q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
     k_pe = latent[..., r:].unsqueeze(1)
     q_lat = torch.bmm(q_nope.transpose(0, 1), w.w_kc).transpose(0, 1)  # [T, Hg, D]
     q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
-    k_slice = k_nope[..., w.latent_start : w.latent_end].unsqueeze(1)
-    return (q_pe, k_pe, q_lat, k_slice, forward_batch, zero_allocator, positions, None, None, None)
+    return (q_pe, k_pe, q_lat, k_slice.unsqueeze(1), forward_batch, zero_allocator, positions, None, None, None)
 
 
-def _local_norm(self, c: torch.Tensor, w) -> torch.Tensor:
-    """``[T, R]`` with only this rank's columns meaningful: ``c_j / RMS(c_j) * sqrt(g p_j) * gamma_j``
-    (the reference's ``normalize_latent(c, eps, 'local', g, p) * gamma``); other columns are zero."""
-    lo, hi = w.latent_start, w.latent_end
-    cs = c[..., lo:hi].float()
+def _local_norm(self, cs: torch.Tensor, w) -> torch.Tensor:
+    """This rank's latent slice ``[T, R/g]``: ``c_j / RMS(c_j) * sqrt(g p_j) * gamma_j`` (the
+    reference's ``normalize_latent(c, eps, 'local', g, p) * gamma``, restricted to the slice)."""
     ln = self.kv_a_layernorm
-    cs = cs * torch.rsqrt(cs.pow(2).mean(-1, keepdim=True) + ln.variance_epsilon) * w.local_norm_scale
-    out = torch.zeros_like(c)
-    out[..., lo:hi] = (cs * ln.weight[lo:hi].float()).to(c.dtype)
-    return out
+    x = cs.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ln.variance_epsilon) * w.local_norm_scale
+    return (x * ln.weight[w.latent_start : w.latent_end].float()).to(cs.dtype)
 
 
 def _core(orig, self, q_pe, k_pe, q_nope_out, k_nope, forward_batch, *args, **kwargs):

@@ -148,6 +148,7 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
     if any(getattr(a, "tpla", None) is not None for a in layers):
         raise RuntimeError("TPLA does not support reloading weights into a running server (update_weights); restart it.")
     r = layers[0].kv_lora_rank
+    hadamard = [make_rotation("hadamard", r, seed=cfg.seed)] * len(layers) if cfg.transform == "hadamard" else None
     calib = None
     converted = getattr(self.config, "tpla_transform", None)  # written by `python -m sglang_tpla.convert`
     if converted:
@@ -164,15 +165,14 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
     elif cfg.transform == "pca":
         calib = Calibration.load(cfg.calibration, expect=model_identity(self, layers))
         rotations = calib.rotations
-    elif cfg.transform == "hadamard":
-        rotations = [make_rotation("hadamard", r, seed=cfg.seed)] * len(layers)
+    elif hadamard is not None:
+        rotations = hadamard
     else:
         rotations = [None] * len(layers)
     if calib is None and cfg.mu == "lsq":  # lsq fits mu on the file's logit pairs, for any transform
         calib = Calibration.load(cfg.calibration, expect=None if converted else model_identity(self, layers))
     # the latent basis the decode runs in (for the lsq fit), folded now or already by the converter
-    basis = [make_rotation("hadamard", r, seed=cfg.seed)] * len(layers) if cfg.transform == "hadamard" else (
-        calib.rotations if cfg.transform == "pca" else [None] * len(layers))
+    basis = hadamard or (calib.rotations if cfg.transform == "pca" else [None] * len(layers))
     for attn, u in zip(layers, rotations):
         if u is not None:
             _fold(attn, u)
