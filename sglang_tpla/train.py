@@ -377,20 +377,21 @@ class TrainArgs:
     minutes: float = 22.0
     steps: int = 0  # 0: as many as fit in `minutes` (schedule length fixed after 10 steps)
     seed: int = 0
-    seq_len: int = 256
-    batch: int = 8
+    seq_len: int = 512
+    batch: int = 4
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.1
     clip: float = 1.0
-    eval_every: int = 25
+    eval_every: int = 100
     eval_windows: int = 16
     vocab: int = 4096
-    layers: int = 4
-    hidden: int = 256
+    layers: int = 3
+    hidden: int = 512  # >= kv_lora_rank: a narrower model has a rank-deficient latent (see main())
     heads: int = 4
-    intermediate: int = 512
+    intermediate: int = 768
     max_corpus_chars: int | None = None
+    threads: int = 1
 
 
 def train(a: TrainArgs, command: str = "") -> dict:
@@ -505,6 +506,7 @@ def train(a: TrainArgs, command: str = "") -> dict:
         "heldout_tokens": int(held_stream.numel()), "heldout_windows": int(held_wins.shape[0]),
         "heldout_ppl": round(math.exp(final_nll), 3), "unigram_ppl": round(math.exp(uni_nll), 3),
         "model_bytes": (out / "model.safetensors").stat().st_size,
+        "load_avg_end": round(os.getloadavg()[0], 1),
     }
     _write_report(out, a, cfg, summary, by_source, train_docs, held_docs, rows, command)
     return summary
@@ -566,12 +568,14 @@ def _write_report(out, a, cfg, s, by_source, train_docs, held_docs, rows, comman
         "## Training",
         "",
         f"AdamW (betas 0.9/0.95, weight decay {a.weight_decay}), peak lr {a.lr}, {a.warmup} warmup steps then cosine to 10 %, "
-        f"grad clip {a.clip}, batch {a.batch} x seq {a.seq_len}, seed {a.seed}, 1 CPU thread. "
+        f"grad clip {a.clip}, batch {a.batch} x seq {a.seq_len}, seed {a.seed}, {a.threads} CPU thread(s) "
+        f"(load average at the end {s['load_avg_end']}). "
         f"{s['steps']} steps ({s['train_tokens_seen']:,} tokens seen), {s['train_seconds']:.0f} s training, {s['total_seconds']:.0f} s total.",
         "",
         f"Reproduce without the wall-time dependence (same seed, same schedule): `python -m sglang_tpla.train --out DIR "
-        f"--seed {a.seed} --steps {s['schedule_steps']} --minutes 100000` "
-        + ("" if s["steps"] == s["schedule_steps"] else f"(this run stopped at step {s['steps']} on the wall-time budget) ") + "with 1 thread.",
+        f"--seed {a.seed} --batch {a.batch} --seq-len {a.seq_len} --lr {a.lr} --eval-every {a.eval_every} "
+        f"--threads {a.threads} --layers {a.layers} --hidden {a.hidden} --intermediate {a.intermediate} --steps {s['schedule_steps']} --minutes 100000`"
+        + ("" if s["steps"] == s["schedule_steps"] else f" (this run stopped at step {s['steps']} on the wall-time budget)") + ".",
         "",
         "| step | tokens | train loss (EMA) | held-out ppl |",
         "|---|---|---|---|",
@@ -596,20 +600,45 @@ def _write_report(out, a, cfg, s, by_source, train_docs, held_docs, rows, comman
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sglang_tpla.train", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="model folder to write (required unless --export-corpus)")
+    p.add_argument("--export-corpus", metavar="FILE",
+                   help="only write the training documents as JSON lines ({\"text\": ...}; calibration data disjoint "
+                   "from the held-out set) and exit")
     p.add_argument("--minutes", type=float, default=22.0, help="training wall-time budget (default 22)")
     p.add_argument("--steps", type=int, default=0, help="cosine schedule length in steps; training still stops at --minutes "
                    "(default 0: as many as fit in --minutes, measured over the first 10 steps)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512, help="training window length in tokens (default 512)")
+    p.add_argument("--eval-every", type=int, default=100, help="held-out evaluation every N steps (default 100)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=512, help="hidden size (default 512; keep it >= kv_lora_rank 512)")
+    p.add_argument("--intermediate", type=int, default=768)
     args = p.parse_args(argv)
+    if args.export_corpus:
+        train_docs, _ = build_corpus(args.seed)
+        with open(args.export_corpus, "w") as f:
+            for d in train_docs:
+                f.write(json.dumps({"source": d.source, "name": d.name, "text": d.text}) + "\n")
+        print(f"[corpus] wrote {len(train_docs)} training documents to {args.export_corpus}", flush=True)
+        return 0
+    if not args.out:
+        p.error("--out is required")
+    if args.hidden < 512:
+        # the latent c = W_DKV x then spans at most `hidden` of its 512 dimensions: PCA puts all of it in
+        # the first shards and TPLA with PCA becomes exact for g <= 512 / hidden, which says nothing about
+        # real models (DeepSeek-V3: hidden 7168)
+        print(f"[train] warning: --hidden {args.hidden} < kv_lora_rank 512: the latent is rank-deficient "
+              f"(rank <= {args.hidden}); PCA fidelity measured on this model is not representative", flush=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     cmd = "python -m sglang_tpla.train " + " ".join(sys.argv[1:] if argv is None else argv)
-    s = train(TrainArgs(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, batch=args.batch, lr=args.lr), cmd)
+    s = train(TrainArgs(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, batch=args.batch, lr=args.lr,
+                         seq_len=args.seq_len, eval_every=args.eval_every, threads=args.threads,
+                         layers=args.layers, hidden=args.hidden, intermediate=args.intermediate), cmd)
     print(json.dumps(s), flush=True)
     return 0
 

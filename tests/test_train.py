@@ -140,6 +140,7 @@ def test_asset_layout_and_size():
     assert cfg["architectures"] == ["DeepseekV3ForCausalLM"]
     assert (cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]) == (512, 64, 128, 128)
     assert cfg["first_k_dense_replace"] >= cfg["num_hidden_layers"]
+    assert cfg["hidden_size"] >= cfg["kv_lora_rank"]  # else the latent is rank-deficient by construction
     assert set(sd) == set(random_state_dict(cfg))
     assert all(v.dtype == torch.bfloat16 for v in sd.values())
     assert sd["model.embed_tokens.weight"].shape[0] == cfg["vocab_size"]
@@ -158,8 +159,9 @@ def _asset_windows(n: int, seq_len: int = 256) -> torch.Tensor:
 @needs_asset
 def test_asset_learned():
     heldout_ppl, unigram_ppl = _recorded("heldout_ppl"), _recorded("unigram_ppl")
-    # learned, though far from converged (127 steps on a loaded 2-core CPU): see TRAINING.md
-    assert heldout_ppl < 0.7 * unigram_ppl
+    # learned, though not converged (1151 steps, 2.4M tokens, 50 min on 2 CPU cores; recorded 0.36x unigram):
+    # see TRAINING.md
+    assert heldout_ppl < 0.45 * unigram_ppl
     cfg, sd = load_model(ASSET)
     ref = ReferenceDeepseek(cfg, sd)
     nll, n = 0.0, 0
@@ -168,7 +170,7 @@ def test_asset_learned():
         nll += float(F.cross_entropy(logits, w[1:], reduction="sum"))
         n += w.numel() - 1
     ppl = math.exp(nll / n)
-    assert ppl < 0.8 * unigram_ppl
+    assert ppl < 0.6 * unigram_ppl
     assert ppl < 2.0 * heldout_ppl  # a 2-window sample of the recorded number
 
 
