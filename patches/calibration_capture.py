@@ -13,7 +13,8 @@ Hooks (SGLang 0.5.23):
   layer) records its input, the pre-norm latent ``c [T, r]``; after the original returns,
   ``q_nope_out [T, H_loc, r]`` (``q_nope @ W_UK``) is the absorbed query.  Attention-TP rank 0
   adds ``u^T u`` (float64, ``u = c / RMS(c)`` with the layer's eps, the ORIGINAL basis) and
-  the token count per layer, and keeps a reservoir sample of (query * gamma, key u) pairs
+  the token count per layer, the key sum ``sum u`` and the absorbed-query moment
+  ``sum (a*gamma)^T (a*gamma)`` over its tokens and heads (for the ``fit`` transform), and keeps a reservoir sample of (query * gamma, key u) pairs
   (random head of its own heads, random causally visible key of the same request) for the
   ``lsq`` logit scales.
 * AFTER ``sglang.srt.models.deepseek_common.deepseek_weight_loader.DeepseekV2WeightLoaderMixin.post_load_weights``:
@@ -72,6 +73,9 @@ class _State:
     def reset(self) -> None:
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
+        self.key_sums: dict[int, torch.Tensor] = {}
+        self.q_sums: dict[int, torch.Tensor] = {}
+        self.q_counts: dict[int, int] = {}
         self.q: dict[int, torch.Tensor] = {}
         self.k: dict[int, torch.Tensor] = {}
         self.seen: dict[int, int] = {}
@@ -99,13 +103,20 @@ class _State:
         u = c.double()
         u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)
         uu = (u.T @ u).cpu()
+        us = u.sum(0).cpu()
+        a = (q_abs.double() * gamma.double()).reshape(-1, u.shape[1])
+        aa = (a.T @ a).cpu()
         pairs = self._sample_pairs(layer, u, q_abs, gamma, seq_lens) if self.max_pairs > 0 else None
         with self.lock:
             if layer in self.sums:
                 self.sums[layer] += uu
                 self.counts[layer] += u.shape[0]
+                self.key_sums[layer] += us
+                self.q_sums[layer] += aa
+                self.q_counts[layer] += a.shape[0]
             else:
                 self.sums[layer], self.counts[layer] = uu, u.shape[0]
+                self.key_sums[layer], self.q_sums[layer], self.q_counts[layer] = us, aa, a.shape[0]
             if pairs is not None:
                 self._reservoir(layer, *pairs)
             self.dirty, self.last_update = True, time.time()
@@ -158,6 +169,9 @@ class _State:
             "layers": layers,
             "sums": [self.sums[i].clone() for i in layers],
             "counts": [self.counts[i] for i in layers],
+            "key_sums": [self.key_sums[i].clone() for i in layers],
+            "query_sums": [self.q_sums[i].clone() for i in layers],
+            "query_counts": [self.q_counts[i] for i in layers],
             "lsq_queries": [self.q.get(i, torch.zeros(0)).clone() for i in layers],
             "lsq_keys": [self.k.get(i, torch.zeros(0)).clone() for i in layers],
         }

@@ -126,6 +126,17 @@ def model_identity(model, layers) -> ModelIdentity:
     )
 
 
+def _file_rotations(calib: Calibration, cfg) -> list[torch.Tensor]:
+    """The per-layer rotations a calibration file holds for ``cfg`` ('pca', or 'fit' for ``cfg.g``);
+    a file without a fit for this g is refused with the command that adds one."""
+    from sglang_tpla.calibration import CalibrationError
+
+    try:
+        return calib.rotations_for(cfg.transform, cfg.g)
+    except CalibrationError as e:
+        raise RuntimeError(f"TPLA transform {cfg.transform!r} with {cfg.calibration!r}: {e}") from None
+
+
 def _record(hf_config, fingerprint: str, source: str) -> None:
     if getattr(hf_config, "kv_lora_rank", None):
         record_basis(NodeBasis(fingerprint, hf_config.kv_lora_rank, hf_config.qk_rope_head_dim, source))
@@ -158,13 +169,13 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
                 f"configured for {cfg.fingerprint()!r}; set the same transform (and seed / calibration file) or serve "
                 "the unconverted checkpoint."
             )
-        if cfg.transform == "pca":  # the latent rows are already rotated: the identity check no longer applies
+        if cfg.transform in ("pca", "fit"):  # the latent rows are already rotated: the identity check no longer applies
             calib = Calibration.load(cfg.calibration)
         rotations = [None] * len(layers)  # already folded into the checkpoint
         logger.info("TPLA: checkpoint already converted (%s); not folding again", converted.get("fingerprint"))
-    elif cfg.transform == "pca":
+    elif cfg.transform in ("pca", "fit"):
         calib = Calibration.load(cfg.calibration, expect=model_identity(self, layers))
-        rotations = calib.rotations
+        rotations = _file_rotations(calib, cfg)
     elif hadamard is not None:
         rotations = hadamard
     else:
@@ -172,7 +183,7 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
     if calib is None and cfg.mu == "lsq":  # lsq fits mu on the file's logit pairs, for any transform
         calib = Calibration.load(cfg.calibration, expect=None if converted else model_identity(self, layers))
     # the latent basis the decode runs in (for the lsq fit), folded now or already by the converter
-    basis = hadamard or (calib.rotations if cfg.transform == "pca" else [None] * len(layers))
+    basis = hadamard or (_file_rotations(calib, cfg) if cfg.transform in ("pca", "fit") else [None] * len(layers))
     for attn, u in zip(layers, rotations):
         if u is not None:
             _fold(attn, u)
@@ -191,7 +202,8 @@ def _post_load_weights(orig, self, is_nextn: bool = False, weight_names=None):
         )
     for i, attn in enumerate(layers):
         mu, scale = None, None
-        p_all = calib.energy_fractions(i, g) if cfg.transform == "pca" else torch.full((g,), 1.0 / g, dtype=torch.float64)
+        p_all = (calib.shard_energy_fractions(i, g, cfg.transform) if cfg.transform in ("pca", "fit")
+                 else torch.full((g,), 1.0 / g, dtype=torch.float64))
         if cfg.mu == "inv_p" and g > 1:
             mu = 1.0 / float(p_all[group])
         elif cfg.mu == "lsq" and g > 1:

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model-path", help="model to serve (default: a built-in tiny DeepSeek-V3 with random fp32 weights)")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--tpla-g", type=int, default=None, help="latent groups (default: the TP size)")
-    ap.add_argument("--tpla-transform", default="hadamard", choices=("none", "hadamard", "pca"))
+    ap.add_argument("--tpla-transform", default="hadamard", choices=("none", "hadamard", "pca", "fit"))
     ap.add_argument("--tpla-calibration")
     ap.add_argument("--skip-serving", action="store_true", help="only the table and the fp32 reference comparison")
     ap.add_argument("--log-dir", help="server logs (default: a temporary folder)")

@@ -1,7 +1,7 @@
 """Calibrate a TPLA transform file by running the model through SGLang itself.
 
     python -m sglang_tpla.calibrate --model-path M --tp N --data FILE --num-tokens K --out FILE \
-        [--seq-len L] [--batch B] [--lsq-pairs N] [-- extra sglang.launch_server args, e.g. --dtype float32]
+        [--seq-len L] [--batch B] [--lsq-pairs N] [--fit-g G ...] [-- extra sglang.launch_server args, e.g. --dtype float32]
 
 Starts a real ``sglang.launch_server`` (plain exact MLA, ``--disable-radix-cache`` so every
 token is computed, no TPLA options) with ``SGLANG_TPLA_CALIBRATE_DIR`` set, which switches on
@@ -142,7 +142,11 @@ def calibration_from_snapshot(snap: dict, num_layers: int) -> Calibration:
     pairs = None
     if snap["lsq_queries"] and all(q.numel() for q in snap["lsq_queries"][:num_layers]):
         pairs = (snap["lsq_queries"][:num_layers], snap["lsq_keys"][:num_layers])
-    return Calibration.from_moments(ident, moments, n, lsq_pairs=pairs)
+    key_means = query_moments = None
+    if snap.get("key_sums") and snap.get("query_sums"):  # servers from before format 3 do not send them
+        key_means = [s / n for s in snap["key_sums"][:num_layers]]
+        query_moments = [s / max(c, 1) for s, c in zip(snap["query_sums"][:num_layers], snap["query_counts"][:num_layers])]
+    return Calibration.from_moments(ident, moments, n, lsq_pairs=pairs, key_means=key_means, query_moments=query_moments)
 
 
 # --------------------------------------------------------------------------- driver
@@ -160,6 +164,9 @@ def run(args, server_args: list[str]) -> Path:
     from .serving import ServerProcess
 
     cfg = check_mla(args.model_path)
+    bad = [g for g in args.fit_g if g < 2 or int(cfg["kv_lora_rank"]) % g]
+    if bad:
+        raise CalibrateError(f"--fit-g {bad}: each g must be >= 2 and divide kv_lora_rank {cfg['kv_lora_rank']}")
     texts = read_texts(args.data)
     from transformers import AutoTokenizer
 
@@ -209,6 +216,10 @@ def run(args, server_args: list[str]) -> Path:
                 f"see {server.log_path}"
             )
     cal = calibration_from_snapshot(snap, num_layers)
+    if args.fit_g:
+        from .rotation_fit import fit_calibration
+
+        fit_calibration(cal, args.fit_g, args.fit_steps, log=lambda m: print(m, file=sys.stderr, flush=True))
     out = cal.save(args.out)  # tmp + rename: a rerun replaces the file atomically
     shutil.rmtree(work, ignore_errors=True)  # kept (with the server log) only when something failed
     print(
@@ -236,6 +247,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq-len", type=int, default=2048, help="tokens per request window")
     ap.add_argument("--batch", type=int, default=8, help="requests in flight")
     ap.add_argument("--lsq-pairs", type=int, default=512, help="(query, key) pairs per layer kept for mu='lsq' (0: none)")
+    ap.add_argument("--fit-g", type=int, nargs="+", default=[], metavar="G",
+                    help="also fit the 'fit' transform's rotation for these g (sglang_tpla.rotation_fit)")
+    ap.add_argument("--fit-steps", type=int, default=200, help="optimizer steps per layer for --fit-g")
     ap.add_argument("--flush-timeout", type=float, default=120.0)
     return ap
 

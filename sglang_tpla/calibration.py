@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from .transforms import pca, pca_energy_fractions
+from .transforms import pca, pca_energy_fractions, shard_energy_fractions
 
-FORMAT = "sglang-tpla-calibration/2"
-_FORMATS = ("sglang-tpla-calibration/1", FORMAT)
+FORMAT = "sglang-tpla-calibration/3"
+_FORMATS = ("sglang-tpla-calibration/1", "sglang-tpla-calibration/2", FORMAT)
 CALIBRATE_HINT = (
     "build one on this model's weights with `python -m sglang_tpla.calibrate --model-path MODEL --tp N "
     "--data FILE --num-tokens K --out FILE`"
@@ -81,6 +81,13 @@ class Calibration:
     eigenvalues: list[torch.Tensor]  # per layer [r]
     lsq_queries: list[torch.Tensor] | None = None  # per layer [N, r] float32, original basis (format 2)
     lsq_keys: list[torch.Tensor] | None = None  # per layer [N, r] float32, u = c / RMS(c), original basis
+    key_means: list[torch.Tensor] | None = None  # per layer [r] float64, E[u] (format 3)
+    query_moments: list[torch.Tensor] | None = None  # per layer [r, r] float64, E[a^T a] (format 3)
+    fitted: dict[int, list[torch.Tensor]] | None = None  # g -> per layer [r, r] ('fit' transform)
+
+    def __post_init__(self):
+        if self.fitted is None:
+            self.fitted = {}
 
     @classmethod
     def from_moments(
@@ -89,6 +96,8 @@ class Calibration:
         moments: list[torch.Tensor],
         num_tokens: int,
         lsq_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+        key_means: list[torch.Tensor] | None = None,
+        query_moments: list[torch.Tensor] | None = None,
     ) -> "Calibration":
         if len(moments) != identity.num_layers:
             raise CalibrationError(f"got statistics for {len(moments)} layers, the model has {identity.num_layers}")
@@ -98,10 +107,39 @@ class Calibration:
             qs, ks = [q.float().contiguous() for q in lsq_pairs[0]], [k.float().contiguous() for k in lsq_pairs[1]]
             if len(qs) != identity.num_layers or len(ks) != identity.num_layers:
                 raise CalibrationError(f"got logit pairs for {len(qs)} layers, the model has {identity.num_layers}")
+        for name, stats in (("key means", key_means), ("query moments", query_moments)):
+            if stats is not None and len(stats) != identity.num_layers:
+                raise CalibrationError(f"got {name} for {len(stats)} layers, the model has {identity.num_layers}")
         return cls(
             identity, num_tokens, [m.double() for m in moments], [f.rotation for f in fits], [f.eigenvalues for f in fits],
             qs, ks,
+            None if key_means is None else [m.double() for m in key_means],
+            None if query_moments is None else [m.double() for m in query_moments],
         )
+
+    @property
+    def has_fit_statistics(self) -> bool:
+        return bool(self.key_means) and bool(self.query_moments)
+
+    def rotations_for(self, transform: str, g: int | None = None) -> list[torch.Tensor]:
+        """Per layer the rotation of ``transform`` ('pca', or 'fit' for ``g``)."""
+        if transform == "pca":
+            return self.rotations
+        if transform != "fit":
+            raise ValueError(f"a calibration file holds no {transform!r} rotation")
+        if g not in self.fitted:
+            have = sorted(self.fitted) or "none"
+            raise CalibrationError(
+                f"this calibration file holds no fitted rotation for g={g} (it has: {have}); add one with "
+                f"`python -m sglang_tpla.rotation_fit --calibration FILE --g {g}`"
+            )
+        return self.fitted[g]
+
+    def shard_energy_fractions(self, layer: int, g: int, transform: str) -> torch.Tensor:
+        """``p_j`` of ``layer`` in the basis of ``transform`` ('pca' or 'fit')."""
+        if transform == "pca":
+            return self.energy_fractions(layer, g)
+        return shard_energy_fractions(self.second_moments[layer], self.rotations_for(transform, g)[layer], g)
 
     def energy_fractions(self, layer: int, g: int) -> torch.Tensor:
         return pca_energy_fractions(self.eigenvalues[layer], g)
@@ -157,6 +195,9 @@ class Calibration:
             "eigenvalues": self.eigenvalues,
             "lsq_queries": self.lsq_queries,
             "lsq_keys": self.lsq_keys,
+            "key_means": self.key_means,
+            "query_moments": self.query_moments,
+            "fitted": {int(g): rots for g, rots in self.fitted.items()},
         }
 
     @staticmethod
@@ -201,7 +242,8 @@ class Calibration:
                 )
         return cls(
             ident, payload["num_tokens"], payload["second_moments"], payload["rotations"], payload["eigenvalues"],
-            payload.get("lsq_queries"), payload.get("lsq_keys"),
+            payload.get("lsq_queries"), payload.get("lsq_keys"), payload.get("key_means"), payload.get("query_moments"),
+            dict(payload.get("fitted") or {}),
         )
 
 

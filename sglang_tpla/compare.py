@@ -50,7 +50,8 @@ def tiny_comparison(prompt_len: int = 24, decode_len: int = 40, seed: int = 0, g
         for g in groups:
             for kind in ("pd_sep", "tpla"):
                 for norm in ("exact", "local"):
-                    logits = model.score(ids, prompt_len, AttentionMode(kind, g=g, norm=norm))
+                    mu = [[float(g)] * g] * cfg["num_hidden_layers"]  # the served default, mu inv_p (p_j = 1/g)
+                    logits = model.score(ids, prompt_len, AttentionMode(kind, g=g, norm=norm, mu=mu))
                     d = divergence(base[decode], logits[decode])
                     rows.append({"transform": transform, "mode": f"{kind}/{norm}-norm", "g": g, **d.__dict__})
     return rows

@@ -49,8 +49,10 @@ class TPLAConfig:
     g: int | None = None  # latent groups; None = the attention TP size (every rank its own slice)
     transform: str = "hadamard"
     seed: int = 0
-    calibration: str | None = None  # transform file for 'pca'
-    mu: str = "one"  # 'lsq': least-squares mu_j fit on the calibration file's logit pairs
+    calibration: str | None = None  # transform file for 'pca' and 'fit'
+    # per-shard scale of the latent logit: 'inv_p' = 1/p_j (g for balanced transforms; the paper's recipe),
+    # 'one' = unscaled, 'lsq' = least-squares mu_j fit on the calibration file's logit pairs
+    mu: str = "inv_p"
     norm: str = "exact"  # 'local': decode rows normalised over their own latent slice (the paper's local RMSNorm)
     prefill: str = "exact"  # PREFILL_CHOICES: "exact" = pd-sep, "tpla" = TPLA everywhere
 
@@ -66,6 +68,8 @@ class TPLAConfig:
             return f"hadamard:seed={self.seed}"
         if self.transform == "pca":
             return f"pca:sha256={file_sha256(self.calibration)[:16] if self.calibration else '?'}"
+        if self.transform == "fit":  # one fitted rotation per g in the file
+            return f"fit:g={self.g}:sha256={file_sha256(self.calibration)[:16] if self.calibration else '?'}"
         return "identity"  # transform none: the checkpoint's own basis
 
 
@@ -103,7 +107,7 @@ def from_sources(json_opts: dict | None = None, environ: dict | None = None) -> 
     except (TypeError, ValueError) as e:
         raise TPLAConfigError(f"TPLA: g and seed must be integers ({e}); e.g. SGLANG_TPLA_G=2") from None
     transform = _choice(raw, "transform", "hadamard", TRANSFORM_KINDS, "transform")
-    mu = _choice(raw, "mu", "one", MU_CHOICES, "mu mode")
+    mu = _choice(raw, "mu", "inv_p", MU_CHOICES, "mu mode")
     norm = _choice(raw, "norm", "exact", NORM_CHOICES, "norm")
     prefill = _choice(raw, "prefill", "exact", PREFILL_CHOICES, "prefill mode")
     calibration = raw.get("calibration") or None
@@ -133,11 +137,16 @@ def validate_for_model(cfg: TPLAConfig, hf_config, attn_tp_size: int) -> TPLALay
         raise TPLAConfigError(
             f"TPLA calibration file {cfg.calibration!r} does not exist; fix the path or {CALIBRATE_HINT}."
         )
-    if cfg.transform == "pca":
+    if cfg.transform in ("pca", "fit"):
         if not cfg.calibration:
             raise TPLAConfigError(
-                f"TPLA transform 'pca' needs a calibration file ({CALIBRATE_HINT}); pass "
-                '{"tpla": {"transform": "pca", "calibration": "FILE"}} (or SGLANG_TPLA_CALIBRATION=FILE).'
+                f"TPLA transform {cfg.transform!r} needs a calibration file ({CALIBRATE_HINT}); pass "
+                f'{{"tpla": {{"transform": "{cfg.transform}", "calibration": "FILE"}}}} (or SGLANG_TPLA_CALIBRATION=FILE).'
+            )
+        if cfg.transform == "fit" and (cfg.g is None or cfg.g < 2):
+            raise TPLAConfigError(
+                "TPLA transform 'fit' has one fitted rotation per g, so g must be given explicitly and be >= 2 "
+                '(e.g. {"tpla": {"transform": "fit", "g": 2, "calibration": "FILE"}}); the prefill node needs the same g.'
             )
         if not Path(cfg.calibration).is_file():
             raise TPLAConfigError(

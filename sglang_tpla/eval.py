@@ -21,12 +21,16 @@ Variants.  Without ``--transforms/--norms/--mu/--modes`` the default list is a c
 per ``g`` in ``--g`` (default 2 4; ``g`` must divide ``--tp``, else skipped):
 
 * ``hadamard g=1`` (folded, unsliced: must equal MLA; once, the sanity row),
-* ``identity`` pd-sep (no transform), ``hadamard`` pd-sep, ``hadamard`` TPLA everywhere,
-* ``hadamard`` pd-sep with ``mu inv_p`` (= g for Hadamard) and with local RMSNorm,
-* with ``--calibration``: ``pca`` pd-sep, ``pca`` pd-sep ``mu inv_p`` and ``mu lsq``.
+* ``identity`` pd-sep (no transform), ``hadamard`` pd-sep with ``mu one`` and with the default
+  ``mu inv_p`` (= g for Hadamard), ``hadamard`` TPLA everywhere, ``hadamard`` with local RMSNorm,
+* with ``--calibration``: ``pca`` pd-sep with ``mu one``, ``inv_p`` and ``lsq``; ``fit``
+  (:mod:`sglang_tpla.rotation_fit`, when the file holds a fit for ``g``), pd-sep and TPLA
+  everywhere.
+
+Variant names leave out the defaults (exact RMSNorm, ``mu inv_p``).
 
 With any of those flags given, the variants are the product of the given (or default:
-hadamard / exact / one / pd_sep) values for each ``g``.  A variant whose option is missing
+hadamard / exact / inv_p / pd_sep) values for each ``g``.  A variant whose option is missing
 (no calibration file, mu ``lsq`` without logit pairs in it, an option this tree's config does
 not know) is skipped with the reason printed and recorded.
 """
@@ -91,45 +95,45 @@ def _config_choices() -> tuple[set, set, set]:
     return norms, mus, keys
 
 
-def variant_name(transform: str, g: int, mode: str, norm: str = "exact", mu: str = "one") -> str:
+def variant_name(transform: str, g: int, mode: str, norm: str = "exact", mu: str = "inv_p") -> str:
     name = f"{transform} g={g} {'pd-sep' if mode == 'pd_sep' else 'tpla-everywhere'}"
     if norm != "exact":
         name += f" norm={norm}"
-    if mu != "one":
+    if mu != "inv_p":  # the served default
         name += f" mu={mu}"
     return name
 
 
-def make_variant(transform: str, g: int, mode: str, norm: str = "exact", mu: str = "one", seed: int = 0, calibration: str | None = None) -> Variant:
-    opts: dict = {"g": g, "transform": transform, "seed": seed}
+def make_variant(transform: str, g: int, mode: str, norm: str = "exact", mu: str = "inv_p", seed: int = 0, calibration: str | None = None) -> Variant:
+    opts: dict = {"g": g, "transform": "none" if transform == "identity" else transform, "seed": seed}
     if mode == "tpla":
         opts["prefill"] = "tpla"
     if norm != "exact":
         opts["norm"] = norm
-    if mu != "one":
-        opts["mu"] = mu
-    if calibration and (transform == "pca" or mu == "lsq"):
+    opts["mu"] = mu
+    if calibration and (transform in ("pca", "fit") or mu == "lsq"):
         opts["calibration"] = str(calibration)
     return Variant(variant_name(transform, g, mode, norm, mu), opts, mode)
 
 
 def default_variants(gs, calibration: str | None) -> list[tuple]:
     """(transform, g, mode, norm, mu) of the curated default list."""
-    out = [("hadamard", 1, "pd_sep", "exact", "one")]
+    out = [("hadamard", 1, "pd_sep", "exact", "inv_p")]
     for g in gs:
         if g == 1:
             continue
         out += [
-            ("identity", g, "pd_sep", "exact", "one"),
+            ("identity", g, "pd_sep", "exact", "inv_p"),
             ("hadamard", g, "pd_sep", "exact", "one"),
-            ("hadamard", g, "tpla", "exact", "one"),
             ("hadamard", g, "pd_sep", "exact", "inv_p"),
-            ("hadamard", g, "pd_sep", "local", "one"),
+            ("hadamard", g, "tpla", "exact", "inv_p"),
+            ("hadamard", g, "pd_sep", "local", "inv_p"),
         ]
         if calibration:
-            out += [("pca", g, "pd_sep", "exact", "one"), ("pca", g, "pd_sep", "exact", "inv_p"), ("pca", g, "pd_sep", "exact", "lsq")]
+            out += [("pca", g, "pd_sep", "exact", "one"), ("pca", g, "pd_sep", "exact", "inv_p"), ("pca", g, "pd_sep", "exact", "lsq"),
+                    ("fit", g, "pd_sep", "exact", "inv_p"), ("fit", g, "tpla", "exact", "inv_p")]
         else:
-            out += [("pca", g, "pd_sep", "exact", "one")]  # reported as skipped: needs --calibration
+            out += [("pca", g, "pd_sep", "exact", "inv_p")]  # reported as skipped: needs --calibration
     return out
 
 
@@ -138,7 +142,7 @@ def parse_variant_spec(spec: str) -> tuple:
     parts = spec.split(":")
     if not 3 <= len(parts) <= 5:
         raise SystemExit(f"[eval] bad --variant {spec!r}; expected TRANSFORM:G:MODE[:NORM[:MU]]")
-    parts += ["exact", "one"][len(parts) - 3 :]
+    parts += ["exact", "inv_p"][len(parts) - 3 :]
     return (parts[0], int(parts[1]), parts[2], parts[3], parts[4])
 
 
@@ -154,7 +158,7 @@ def plan_variants(args) -> tuple[list[Variant], list[dict]]:
             for t in (args.transforms or ["hadamard"])
             for m in (args.modes or ["pd_sep"])
             for n in (args.norms or ["exact"])
-            for mu in (args.mu or ["one"])
+            for mu in (args.mu or ["inv_p"])
         ]
     else:
         combos = default_variants(args.g, args.calibration)
@@ -182,13 +186,15 @@ def plan_variants(args) -> tuple[list[Variant], list[dict]]:
             reason = f"norm {norm!r} is not available in this tree's config (choices {sorted(norms)})"
         elif mu not in mus:
             reason = f"mu {mu!r} is not available in this tree's config (choices {sorted(mus)})"
-        elif t == "pca" and not args.calibration:
-            reason = "pca needs --calibration FILE (python -m sglang_tpla.calibrate)"
+        elif t in ("pca", "fit") and not args.calibration:
+            reason = f"{t} needs --calibration FILE (python -m sglang_tpla.calibrate)"
+        elif t == "fit" and calib is not None and g not in calib.fitted:
+            reason = f"calibration file {args.calibration} holds no fitted rotation for g={g} (python -m sglang_tpla.rotation_fit --g {g})"
         elif mu == "lsq" and not args.calibration:
             reason = "mu lsq needs --calibration FILE with logit pairs"
         elif mu == "lsq" and calib is not None and not getattr(calib, "has_lsq", False):
             reason = f"calibration file {args.calibration} holds no logit pairs for mu lsq"
-        elif (t == "pca" or mu == "lsq") and calib is None:
+        elif (t in ("pca", "fit") or mu == "lsq") and calib is None:
             reason = f"calibration file {args.calibration} could not be read"
         if reason:
             print(f"[eval] skip {v.name}: {reason}", flush=True)
@@ -354,44 +360,76 @@ def summarize(run: ServedRun, base: ServedRun) -> dict:
     }
 
 
-def reference_mode(variant: Variant, num_layers: int):
-    """The fp32 reference's (transform, AttentionMode) for a variant, or None if it has no
-    data-free reference (PCA / mu lsq need the calibration rotation or fit)."""
+def reference_mode(variant: Variant, num_layers: int, calib=None):
+    """The fp32 reference's (rotations key, rotations, AttentionMode) for a variant, or None if it
+    has no reference here (pca / fit / mu lsq without the calibration file)."""
     from .reference_model import AttentionMode
 
     if variant.tpla is None:
-        return "none", AttentionMode("mla")
+        return "none", None, AttentionMode("mla")
     t, g = variant.tpla["transform"], variant.tpla["g"]
-    mu, norm = variant.tpla.get("mu", "one"), variant.tpla.get("norm", "exact")
-    if t == "pca" or mu == "lsq" or (t == "identity" and mu == "inv_p"):
+    mu, norm = variant.tpla.get("mu", "inv_p"), variant.tpla.get("norm", "exact")
+    from_file = t in ("pca", "fit")
+    if (from_file or mu == "lsq") and calib is None:
         return None
-    scales = [[float(g)] * g] * num_layers if mu == "inv_p" and g > 1 else None  # Hadamard: p_j = 1/g
-    return ("none" if t == "identity" else t), AttentionMode(variant.mode, g=g, norm=norm, mu=scales)
+    rots = calib.rotations_for(t, g) if from_file else None
+    if from_file:
+        p = [calib.shard_energy_fractions(i, g, t) for i in range(num_layers)]
+    else:
+        p = [torch.full((g,), 1.0 / g, dtype=torch.float64)] * num_layers
+    scales = None
+    if g > 1 and mu == "inv_p":
+        scales = [[1.0 / float(x) for x in pi] for pi in p]
+    elif g > 1 and mu == "lsq":
+        basis = rots if from_file else ([make_rotation_cached(t, calib.identity.kv_lora_rank, variant.tpla.get("seed", 0))]
+                                        * num_layers)
+        scales = calib.logit_scales("lsq", g, basis, norm, pca_fractions=False) if norm == "exact" else None
+        if scales is None:
+            return None  # lsq with local norm: not mirrored here
+    key = f"{t}:g={g}" if t == "fit" else t
+    energy = [[float(x) for x in pi] for pi in p] if (norm == "local" and from_file) else None
+    return key, rots, AttentionMode(variant.mode, g=g, norm=norm, mu=scales, energy_fractions=energy)
 
 
-def reference_check(model_path: str, runs: dict, docs: list[Doc], seed: int = 0) -> dict[str, float]:
+def make_rotation_cached(kind: str, d: int, seed: int):
+    from .transforms import make_rotation
+
+    return None if kind in ("identity", "none") else make_rotation(kind, d, seed=seed)
+
+
+def reference_check(model_path: str, runs: dict, docs: list[Doc], seed: int = 0, calibration: str | None = None) -> dict[str, float]:
     """Max |served - fp32 reference| over the full teacher-forced distributions, per variant
     (dense models only): the reference's ``score(ids, prompt_len, mode)``, row ``P-1+k`` for
     forced position ``k``."""
     from .reference_model import ReferenceDeepseek
     from .tiny_model import load_model
-    from .transforms import fold_state_dict, make_rotation
+    from .transforms import fold_state_dict
 
     cfg, sd = load_model(model_path, dtype=torch.float32)
+    calib = None
+    if calibration:
+        from .calibration import Calibration
+
+        calib = Calibration.load(calibration)
     models: dict = {}
     out = {}
     for name, run in runs.items():
-        rm = reference_mode(run.variant, cfg["num_hidden_layers"])
+        rm = reference_mode(run.variant, cfg["num_hidden_layers"], calib)
         if rm is None:
             continue
-        transform, mode = rm
-        if transform not in models:
-            w = sd if transform == "none" else fold_state_dict(sd, make_rotation(transform, cfg["kv_lora_rank"], seed=seed))
-            models[transform] = ReferenceDeepseek(cfg, w)
+        key, rots, mode = rm
+        if key not in models:
+            if rots is not None:
+                w = fold_state_dict(sd, dict(enumerate(rots)))
+            elif key in ("none", "identity"):
+                w = sd
+            else:
+                w = fold_state_dict(sd, make_rotation_cached(key, cfg["kv_lora_rank"], seed))
+            models[key] = ReferenceDeepseek(cfg, w)
         worst = 0.0
         for doc, dist in zip(docs, run.dists):
             ids, p = doc.prompt + doc.continuation, len(doc.prompt)
-            want = torch.log_softmax(models[transform].score(ids, p, mode).double(), -1)[p - 1 : len(ids) - 1]
+            want = torch.log_softmax(models[key].score(ids, p, mode).double(), -1)[p - 1 : len(ids) - 1]
             worst = max(worst, float((dist.double() - want).abs().max()))
         out[name] = worst
         print(f"[eval] reference check {name}: max |served - fp32 reference| {worst:.2e}", flush=True)
@@ -443,9 +481,30 @@ def write_markdown(path: Path, meta: dict, rows: list[dict], skipped: list[dict]
     if checked:
         lines += ["", "Served vs fp32 reference model (same mode, teacher-forced, full distributions): max |dlogprob|", ""]
         lines += [f"- {r['variant']}: {r['reference_max_abs_diff']:.2e}" for r in checked]
+    if meta.get("latent_spectrum"):
+        lines += ["", "Latent energy captured by the top-k PCA components of the calibration file, per layer "
+                  "(a latent whose energy sits in few directions makes PCA slicing nearly exact; the fit and "
+                  "Hadamard spread those directions over the groups):", "",
+                  "| layer | top 16 | top 64 | top 128 | top 256 |", "|---|---|---|---|---|"]
+        lines += [f"| {i} | " + " | ".join(f"{x:.4f}" for x in row) + " |" for i, row in enumerate(meta["latent_spectrum"])]
     if skipped:
         lines += ["", "Skipped:", ""] + [f"- {s['variant']}: {s['reason']}" for s in skipped]
     path.write_text("\n".join(lines) + "\n")
+
+
+def latent_spectrum(calibration: str, ks=(16, 64, 128, 256)) -> list[list[float]] | None:
+    """Per layer the share of latent energy in the top-k PCA components of a calibration file."""
+    try:
+        from .calibration import Calibration
+
+        cal = Calibration.load(calibration)
+    except Exception:  # noqa: BLE001 - the report is still useful without it
+        return None
+    out = []
+    for ev in cal.eigenvalues:
+        ev = ev.double().clamp_min(0)
+        out.append([float(ev[:k].sum() / ev.sum()) for k in ks])
+    return out
 
 
 def write_plot(path: Path, rows: list[dict], n_bins: int = 16) -> None:
@@ -482,8 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", required=True)
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--g", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--transforms", nargs="+", choices=["identity", "hadamard", "pca"])
-    p.add_argument("--calibration", help="transform file (python -m sglang_tpla.calibrate): enables pca and mu lsq")
+    p.add_argument("--transforms", nargs="+", choices=["identity", "hadamard", "pca", "fit"])
+    p.add_argument("--calibration", help="transform file (python -m sglang_tpla.calibrate): enables pca, fit and mu lsq")
     p.add_argument("--norms", nargs="+", choices=["exact", "local"])
     p.add_argument("--mu", nargs="+", choices=["one", "inv_p", "lsq"])
     p.add_argument("--modes", nargs="+", choices=["pd_sep", "tpla"], help="pd_sep: exact prefill; tpla: TPLA everywhere")
@@ -531,7 +590,7 @@ def run_eval(argv: list[str] | None = None) -> dict:
               f"KL {rows[-1]['kl_mean']:.3e}, greedy equal {rows[-1]['greedy_equal_fraction']:.3f}", flush=True)
     if args.check_reference:
         try:
-            ref = reference_check(args.model_path, runs, docs, args.seed)
+            ref = reference_check(args.model_path, runs, docs, args.seed, args.calibration)
             for r in rows:
                 r["reference_max_abs_diff"] = ref.get(r["variant"])
         except Exception as e:  # noqa: BLE001 - e.g. an MoE model the dense reference does not cover
@@ -543,6 +602,7 @@ def run_eval(argv: list[str] | None = None) -> dict:
         "model_path": args.model_path, "tp": args.tp, "dtype": args.dtype, "data": source,
         "num_docs": len(docs), "prompt_len": args.prompt_len, "gen_len": args.gen_len,
         "mla_perplexity": rows[0]["perplexity"], "out": str(out),
+        "latent_spectrum": latent_spectrum(args.calibration) if args.calibration else None,
     }
     result = {"meta": meta, "results": rows, "skipped": skipped,
               "docs": [asdict(d) for d in docs]}

@@ -4,7 +4,7 @@ Translates the TPLA flags and hands over to SGLang's own launcher
 (``python -m sglang.launch_server``) with every other flag unchanged:
 
 * ``--enable-tpla`` -> ``--decode-attention-backend tpla``
-* ``--tpla-g N``, ``--tpla-transform {none,hadamard,pca}``, ``--tpla-seed S``,
+* ``--tpla-g N``, ``--tpla-transform {none,hadamard,pca,fit}``, ``--tpla-seed S``,
   ``--tpla-calibration FILE``, ``--tpla-mu {one,inv_p,lsq}``, ``--tpla-norm {exact,local}``,
   ``--tpla-prefill {exact,tpla}`` -> merged into
   ``--json-model-override-args`` under ``"tpla"`` (an existing JSON value is kept and extended).

@@ -59,6 +59,8 @@ class PDSpec:
         opts: dict = {"transform": self.transform, "seed": self.seed}
         if self.calibration:
             opts["calibration"] = self.calibration
+        if self.transform == "fit":  # one fitted rotation per g: both nodes must pick the same one
+            opts["g"] = self.g or self.decode_tp
         if decode:
             if self.g is not None:
                 opts["g"] = self.g
@@ -224,9 +226,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-tp", type=int, default=1)
     p.add_argument("--decode-tp", type=int, default=2)
     p.add_argument("--g", type=int, default=None, help="latent groups on the decode node (default: decode TP)")
-    p.add_argument("--transform", default="hadamard", choices=["none", "hadamard", "pca"])
+    p.add_argument("--transform", default="hadamard", choices=["none", "hadamard", "pca", "fit"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calibration", help="transform file for --transform pca (same file on both nodes)")
+    p.add_argument("--calibration", help="transform file for --transform pca or fit (same file on both nodes)")
     p.add_argument("--mu", choices=["one", "inv_p", "lsq"])
     p.add_argument("--converted", action="store_true",
                    help="the checkpoint was converted by sglang_tpla.convert: prefill nodes get no TPLA options")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-TRANSFORM_KINDS = ("none", "hadamard", "pca")
+TRANSFORM_KINDS = ("none", "hadamard", "pca", "fit")  # pca, fit: from a calibration file
 
 _LAYER_KEY = re.compile(r"^(?P<prefix>.*\blayers\.(?P<idx>\d+)\.self_attn\.)kv_a_layernorm\.weight$")
 
@@ -186,4 +186,6 @@ def make_rotation(kind: str, d: int, seed: int = 0, second_moment: torch.Tensor 
         if second_moment is None:
             raise ValueError("the pca transform needs calibration statistics (a second-moment matrix per layer)")
         return pca(second_moment).rotation
+    if kind == "fit":
+        raise ValueError("the fit transform's rotations are stored in a calibration file (python -m sglang_tpla.rotation_fit)")
     raise ValueError(f"unknown TPLA transform {kind!r}; choose one of {list(TRANSFORM_KINDS)}")

@@ -30,6 +30,12 @@ def reference(model_dir: Path, transform: str = "none", seed: int = 0) -> Refere
     return ReferenceDeepseek(cfg, sd)
 
 
+def tpla_mode(kind: str, g: int, ref: ReferenceDeepseek, **kw) -> AttentionMode:
+    """``ref``'s mode for a server with the default ``mu: inv_p`` and a balanced transform
+    (none / Hadamard: ``p_j = 1/g``, so ``mu_j = g``)."""
+    return AttentionMode(kind, g=g, mu=[[float(g)] * g] * ref.num_layers if g > 1 else None, **kw)
+
+
 def served_vs_reference(server, ref: ReferenceDeepseek, mode: AttentionMode):
     """[(cached_tokens, tokens_equal, max |logprob diff|)] for PROMPTS, in order."""
     rows = []

@@ -1,15 +1,20 @@
-"""The fidelity evaluation end to end (reduced): real TP=2 servers, teacher-forced decode.
+"""The fidelity evaluation end to end (reduced): real TP=2 servers on the trained asset,
+teacher-forced decode over its held-out text.
 
-Runs ``sglang_tpla.eval`` on the random tiny model with random token ids and checks
+Runs ``sglang_tpla.eval`` on ``tests/assets/tiny-deepseek-trained`` (2 held-out documents,
+24-token prompts, 24 forced decode steps) and checks
 
 * the teacher-forcing mechanism: the served full next-token distributions at every forced
   position equal the fp32 reference's teacher-forced ``score`` (MLA server vs mode ``mla``,
   pd-sep server vs ``pd_sep``, TPLA-everywhere server vs ``tpla``), so the returned log-probs
   are the model's, not the forcing processor's, and every forced position after the first
   is a decode step;
-* the orderings: g=1 (the Hadamard-folded, unsliced model) identical to MLA; pd-sep no worse
-  than TPLA everywhere.  (Exact vs local-slice RMSNorm has no defined order on random weights;
-  on the trained asset it did not hold either: see the README's fidelity section.)
+* the orderings the issue asks for, on the trained model: g=1 (the Hadamard-folded, unsliced
+  model) identical to MLA; pd-sep strictly better than TPLA everywhere (KL 1.04e-2 vs 1.13e-2
+  in the fp32 reference on these documents; served = reference to ~1e-5, so the outcome is
+  deterministic).  Exact RMSNorm is NOT better than the slice-local one on this model (reference
+  KL 1.04e-2 exact vs 8.5e-3 local here; also in the full evaluation): reported in the README,
+  not asserted.
 """
 
 import json
@@ -21,7 +26,7 @@ import torch
 from sglang_tpla.eval import run_eval
 from sglang_tpla.reference_model import AttentionMode
 
-from serving_utils import reference, tiny_model
+from serving_utils import reference, tpla_mode
 
 pytestmark = pytest.mark.slow
 
@@ -29,18 +34,18 @@ TOL = 1e-4  # fp32 server vs fp32 reference (log-probabilities), as in test_serv
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    # The random tiny model: on it every check below was measured to hold.  On the trained asset
-    # (tests/assets/tiny-deepseek-trained) the pd-sep / exact-norm orderings are within noise
-    # (results/fidelity/results.md): reported in the README, not asserted here.
-    return tiny_model(tmp_path_factory, seed=2)
+def model_dir():
+    path = Path(__file__).parent / "assets" / "tiny-deepseek-trained"
+    if not (path / "model.safetensors").exists():
+        pytest.skip("trained asset not present")
+    return path
 
 
 @pytest.fixture(scope="module")
 def result(model_dir, tmp_path_factory):
     variants = ["hadamard:1:pd_sep", "hadamard:2:pd_sep", "hadamard:2:tpla"]
     argv = ["--model-path", str(model_dir), "--tp", "2", "--num-docs", "2", "--prompt-len", "24", "--gen-len", "24",
-            "--data", "random", "--out", str(tmp_path_factory.mktemp("eval"))]
+            "--data", "heldout", "--out", str(tmp_path_factory.mktemp("eval"))]
     for v in variants:
         argv += ["--variant", v]
     return run_eval(argv)
@@ -65,7 +70,7 @@ def test_reports_written(result):
 )
 def test_forced_decode_distributions_match_reference(result, model_dir, name, kind, transform):
     ref = reference(model_dir, transform, seed=0)
-    mode = AttentionMode(kind, g=1 if kind == "mla" else 2)
+    mode = AttentionMode("mla") if kind == "mla" else tpla_mode(kind, 2, ref)
     run = result["runs"][name]
     worst = 0.0
     for doc, dist in zip(result["docs"], run.dists):
@@ -80,8 +85,7 @@ def test_forced_decode_distributions_match_reference(result, model_dir, name, ki
 def test_g1_folded_unsliced_is_mla(result):
     r = _row(result, "hadamard g=1 pd-sep")
     print({k: r[k] for k in ("kl_max", "max_abs_dlogprob", "top1_agreement", "greedy_equal_fraction")})
-    # fp32 rounding of the folded weights only (measured on the random tiny model: 2.4e-6 / KL 2.6e-7;
-    # TPLA g=2 is at KL ~1e-1 there)
+    # fp32 rounding of the folded weights only (TPLA g=2 is at KL ~1e-2 on these documents)
     assert r["max_abs_dlogprob"] < TOL and r["kl_max"] < 1e-5
     assert r["top1_agreement"] == 1.0 and r["greedy_equal_fraction"] == 1.0
 
@@ -90,4 +94,4 @@ def test_pd_sep_no_worse_than_tpla_everywhere(result):
     pd, tp = _row(result, "hadamard g=2 pd-sep"), _row(result, "hadamard g=2 tpla-everywhere")
     print(f"KL pd-sep {pd['kl_mean']:.3e} vs everywhere {tp['kl_mean']:.3e}; top-1 {pd['top1_agreement']:.3f} vs {tp['top1_agreement']:.3f}")
     assert pd["kl_mean"] > 0  # decode is approximate
-    assert pd["kl_mean"] <= tp["kl_mean"]
+    assert pd["kl_mean"] < tp["kl_mean"]

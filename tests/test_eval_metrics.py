@@ -71,6 +71,40 @@ def test_variant_planning_skips_with_reasons():
     assert any("g=4" in k and "TP" in v for k, v in reasons.items())
     assert "pca needs --calibration" in reasons["pca g=2 pd-sep"]
     tpla = next(v for v in run if v.name == "hadamard g=2 tpla-everywhere")
-    assert tpla.tpla == {"g": 2, "transform": "hadamard", "seed": 0, "prefill": "tpla"} and tpla.mode == "tpla"
-    assert parse_variant_spec("hadamard:2:pd_sep") == ("hadamard", 2, "pd_sep", "exact", "one")
+    assert tpla.tpla == {"g": 2, "transform": "hadamard", "seed": 0, "prefill": "tpla", "mu": "inv_p"} and tpla.mode == "tpla"
+    assert "hadamard g=2 pd-sep mu=one" in names  # the unscaled row next to the default
+    ident = next(v for v in run if v.name == "identity g=2 pd-sep")
+    assert ident.tpla["transform"] == "none"  # the config's name for the checkpoint's own basis
+    assert parse_variant_spec("hadamard:2:pd_sep") == ("hadamard", 2, "pd_sep", "exact", "inv_p")
     assert parse_variant_spec("pca:4:tpla:local:inv_p") == ("pca", 4, "tpla", "local", "inv_p")
+
+
+def test_reference_modes_of_calibrated_variants(tmp_path):
+    """pca / fit variants are checked against the reference folded with the file's own rotations,
+    with mu inv_p from the shard energies in that basis; a fit missing for g is skipped."""
+    from sglang_tpla.calibration import Calibration, ModelIdentity
+    from sglang_tpla.eval import make_variant, reference_mode
+    from sglang_tpla.rotation_fit import fit_calibration
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 512, generator=gen, dtype=torch.float64) * torch.linspace(3, 0.1, 512, dtype=torch.float64)
+    q = torch.randn(2000, 512, generator=gen, dtype=torch.float64)
+    ident = ModelIdentity("DeepseekV3ForCausalLM", 512, 2, "0" * 64)
+    cal = Calibration.from_moments(ident, [x.T @ x / 2000] * 2, 2000, key_means=[x.mean(0)] * 2, query_moments=[q.T @ q / 2000] * 2)
+    fit_calibration(cal, [2], steps=2, log=lambda m: None)
+    path = cal.save(tmp_path / "c.pt")
+
+    key, rots, mode = reference_mode(make_variant("fit", 2, "pd_sep", calibration=path), 2, cal)
+    assert key == "fit:g=2" and rots is cal.fitted[2]
+    assert mode.mu == [[1.0 / float(p) for p in cal.shard_energy_fractions(i, 2, "fit")] for i in range(2)]
+    key, rots, mode = reference_mode(make_variant("pca", 2, "pd_sep", calibration=path), 2, cal)
+    assert key == "pca" and rots is cal.rotations and mode.mu[0][1] > mode.mu[0][0]  # the weak shard is scaled up
+    key, rots, mode = reference_mode(make_variant("hadamard", 2, "tpla", mu="one"), 2, None)
+    assert key == "hadamard" and rots is None and mode.mu is None and mode.kind == "tpla"
+    assert reference_mode(make_variant("pca", 2, "pd_sep", calibration=path), 2, None) is None
+
+    args = build_parser().parse_args(["--model-path", "m", "--tp", "4", "--g", "2", "4", "--calibration", str(path), "--out", "o"])
+    run, skipped = plan_variants(args)
+    names = [v.name for v in run]
+    assert "fit g=2 pd-sep" in names and "fit g=2 tpla-everywhere" in names and "pca g=4 pd-sep mu=lsq" not in names
+    assert "no fitted rotation for g=4" in {s["variant"]: s["reason"] for s in skipped}["fit g=4 pd-sep"]

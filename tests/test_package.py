@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MATH_MODULES = ["layout", "transforms", "reference", "reference_model", "shapes", "tiny_model", "compare"]
+MATH_MODULES = ["layout", "transforms", "reference", "reference_model", "shapes", "tiny_model", "compare", "rotation_fit"]
 
 
 def run_py(code, cwd=REPO):

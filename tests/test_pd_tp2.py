@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 from pd_utils import assert_same, check_digests, deploy, served
-from serving_utils import NEW_TOKENS, PROMPTS, reference, tiny_model
+from serving_utils import NEW_TOKENS, PROMPTS, reference, tiny_model, tpla_mode
 
-from sglang_tpla.reference_model import AttentionMode
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +23,7 @@ def model(tmp_path_factory):
 
 def test_prefill_tp2_to_decode_tp2(model, tmp_path_factory):
     ref = reference(model, "hadamard")
-    want = [ref.generate(p, NEW_TOKENS, AttentionMode("pd_sep", g=2)) for p in PROMPTS]
+    want = [ref.generate(p, NEW_TOKENS, tpla_mode("pd_sep", 2, ref)) for p in PROMPTS]
     with deploy(model, tmp_path_factory, 2, "pd-tp2") as dep:
         assert_same(served(dep), want)
         check_digests(dep, len(PROMPTS))

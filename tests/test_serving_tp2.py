@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
-from sglang_tpla.reference_model import AttentionMode
 from sglang_tpla.serving import ServerProcess
 
-from serving_utils import BUDGET, FP32, NEW_TOKENS, PROMPTS, reference, served_vs_reference, tiny_model
+from serving_utils import BUDGET, FP32, NEW_TOKENS, PROMPTS, reference, served_vs_reference, tiny_model, tpla_mode
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +43,8 @@ def mla_and_hadamard(model_dir, logs):
 
 def test_tpla_hadamard_matches_fp32_reference_with_prefix_reuse(mla_and_hadamard, model_dir):
     _, had = mla_and_hadamard
-    rows = served_vs_reference(had, reference(model_dir, "hadamard", seed=0), AttentionMode("pd_sep", g=2))
+    ref = reference(model_dir, "hadamard", seed=0)
+    rows = served_vs_reference(had, ref, tpla_mode("pd_sep", 2, ref))
     print("hadamard (cached, tokens equal, max|dlogprob|):", rows)
     assert rows[1][0] >= 6, "second prompt should reuse the cached prefix (exact extend over the sliced pool)"
     for cached, equal, diff in rows:

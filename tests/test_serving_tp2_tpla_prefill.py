@@ -5,10 +5,9 @@ Checked against the fp32 reference's ``tpla`` mode, with a radix-cache prefix hi
 import pytest
 
 from sglang_tpla.config import TPLAConfigError, from_sources
-from sglang_tpla.reference_model import AttentionMode
 from sglang_tpla.serving import ServerProcess
 
-from serving_utils import BUDGET, FP32, reference, served_vs_reference, tiny_model
+from serving_utils import BUDGET, FP32, reference, served_vs_reference, tiny_model, tpla_mode
 
 
 def test_prefill_option_parsing():
@@ -39,11 +38,11 @@ def server(model_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_tpla_everywhere_matches_fp32_reference(server, model_dir):
     ref = reference(model_dir, "hadamard", seed=0)
-    rows = served_vs_reference(server, ref, AttentionMode("tpla", g=2))
+    rows = served_vs_reference(server, ref, tpla_mode("tpla", 2, ref))
     print("tpla everywhere (cached, tokens equal, max|dlogprob|):", rows)
     assert rows[1][0] >= 6, "second prompt should reuse the cached prefix (TPLA extend over the sliced pool)"
     for cached, equal, diff in rows:
         assert equal and diff < 1e-4, rows
     # and it is not pd-sep: the first token (from the prefill) already differs from exact MLA
-    pd_sep = served_vs_reference(server, ref, AttentionMode("pd_sep", g=2))
+    pd_sep = served_vs_reference(server, ref, tpla_mode("pd_sep", 2, ref))
     assert max(d for _, _, d in pd_sep) > 1e-3, pd_sep

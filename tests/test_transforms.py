@@ -55,6 +55,11 @@ def _rotations(kind, cfg, sd):
     if kind == "pca":
         moments = ReferenceDeepseek(cfg, sd).latent_second_moments([IDS, IDS[::-1]])
         return {i: T.make_rotation("pca", 512, second_moment=m) for i, m in enumerate(moments)}
+    if kind == "fit":  # a few optimizer steps: any rotation the fit returns must fold exactly
+        from sglang_tpla.rotation_fit import fit_rotation
+
+        moments = ReferenceDeepseek(cfg, sd).latent_second_moments([IDS, IDS[::-1]])
+        return {i: fit_rotation(m, m, 2, steps=3, seed=3)[0] for i, m in enumerate(moments)}
     return T.make_rotation(kind, 512, seed=3)
 
 
