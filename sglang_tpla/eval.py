@@ -381,7 +381,7 @@ def reference_mode(variant: Variant, num_layers: int, calib=None):
     if g > 1 and mu == "inv_p":
         scales = [[1.0 / float(x) for x in pi] for pi in p]
     elif g > 1 and mu == "lsq":
-        basis = rots if from_file else ([make_rotation_cached(t, calib.identity.kv_lora_rank, variant.tpla.get("seed", 0))]
+        basis = rots if from_file else ([_data_free_rotation(t, calib.identity.kv_lora_rank, variant.tpla.get("seed", 0))]
                                         * num_layers)
         scales = calib.logit_scales("lsq", g, basis, norm, pca_fractions=False) if norm == "exact" else None
         if scales is None:
@@ -391,10 +391,11 @@ def reference_mode(variant: Variant, num_layers: int, calib=None):
     return key, rots, AttentionMode(variant.mode, g=g, norm=norm, mu=scales, energy_fractions=energy)
 
 
-def make_rotation_cached(kind: str, d: int, seed: int):
+def _data_free_rotation(kind: str, d: int, seed: int):
+    """The rotation of a transform that needs no calibration file (None for 'none')."""
     from .transforms import make_rotation
 
-    return None if kind in ("identity", "none") else make_rotation(kind, d, seed=seed)
+    return None if kind == "none" else make_rotation(kind, d, seed=seed)
 
 
 def reference_check(model_path: str, runs: dict, docs: list[Doc], seed: int = 0, calibration: str | None = None) -> dict[str, float]:
@@ -421,10 +422,10 @@ def reference_check(model_path: str, runs: dict, docs: list[Doc], seed: int = 0,
         if key not in models:
             if rots is not None:
                 w = fold_state_dict(sd, dict(enumerate(rots)))
-            elif key in ("none", "identity"):
+            elif key == "none":
                 w = sd
             else:
-                w = fold_state_dict(sd, make_rotation_cached(key, cfg["kv_lora_rank"], seed))
+                w = fold_state_dict(sd, _data_free_rotation(key, cfg["kv_lora_rank"], seed))
             models[key] = ReferenceDeepseek(cfg, w)
         worst = 0.0
         for doc, dist in zip(docs, run.dists):
