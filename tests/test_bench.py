@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from sglang_tpla.bench.kernels import attention_cases, traffic
+
 
 def test_kernel_benchmark_cpu_smoke(tmp_path):
     out = tmp_path / "bench.jsonl"
@@ -11,10 +13,27 @@ def test_kernel_benchmark_cpu_smoke(tmp_path):
         [sys.executable, "-m", "sglang_tpla.bench.kernels", "--models", "kimi-k2", "--tp", "2", "--contexts", "64",
          "--batch", "1", "--repeat", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
-    )
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "| kimi-k2 | 2 | 64 |" in r.stdout
+    assert "| kimi-k2 | 2 | 1 | 64 | MLA |" in r.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    timed = {(x["variant"], x["heads"], x["d_ckv"]) for x in rows if "variant" in x}
-    assert timed == {("mla", 32, 512), ("tpla", 64, 256)}  # MLA-TP: H/tp heads over 512; TPLA: all heads over 256
-    assert all(x["ms"] > 0 and x["GBps"] > 0 for x in rows if "variant" in x)
+    timed = {(x["variant"], x["par"], x["heads"], x["d"], x["tokens"]) for x in rows}
+    # MLA-TP: H/tp heads over 512; DCP=2: H*2/tp heads over half the tokens; TPLA g=2: the group's heads over 256
+    assert timed == {("mla", 1, 32, 512, 64), ("dcp", 2, 64, 512, 32), ("tpla", 2, 64, 256, 64)}
+    assert all(x["ms"] > 0 and x["GBps"] > 0 and x["speedup_vs_mla"] > 0 for x in rows)
+
+
+def test_attention_shapes_per_rank():
+    cases = {(c.model, c.tp, c.variant, c.par): c for c in attention_cases(batches=(8,), contexts=(4096,))}
+    # DeepSeek-V3, TP=8: MLA 16 heads x 512; DCP4 64 heads over 1024 tokens; TPLA g=2 32 heads x 256, g=4 64 x 128
+    assert (cases["deepseek-v3", 8, "mla", 1].heads, cases["deepseek-v3", 8, "mla", 1].d) == (16, 512)
+    dcp = cases["deepseek-v3", 8, "dcp", 4]
+    assert (dcp.heads, dcp.d, dcp.tokens) == (64, 512, 1024)
+    assert (cases["deepseek-v3", 8, "tpla", 2].heads, cases["deepseek-v3", 8, "tpla", 2].d) == (32, 256)
+    assert (cases["deepseek-v3", 8, "tpla", 4].heads, cases["deepseek-v3", 8, "tpla", 4].d) == (64, 128)
+    # TP=2: g=4 and DCP=4 do not divide TP and are skipped; TPLA g=2 gives every rank all 128 heads
+    assert ("deepseek-v3", 2, "tpla", 4) not in cases and ("deepseek-v3", 2, "dcp", 4) not in cases
+    assert cases["deepseek-v3", 2, "tpla", 2].heads == 128
+    assert cases["kimi-k2", 8, "mla", 1].heads == 8
+    t = traffic(cases["deepseek-v3", 2, "tpla", 2])
+    assert t["kv_bytes"] == 8 * 4096 * 320 * 2 and t["flops"] == 2 * 8 * 128 * 4096 * (2 * 256 + 64)

@@ -1,172 +1,384 @@
-"""Per-rank decode attention, MLA head-sharded TP vs TPLA, timed side by side in one run.
+"""Per-rank decode attention: stock MLA (head-sharded TP), DCP and TPLA, timed side by side.
 
-``python -m sglang_tpla.bench.kernels [--models deepseek-v3,kimi-k2] [--tp 2,4,8] [--contexts 1024,...]``
+``python -m sglang_tpla.bench.kernels [--models deepseek-v3,kimi-k2] [--tp 2,8] [--batch 1,8,32]
+[--contexts 4096,32768] [--out rows.jsonl]``
 
-Per rank and decode step, MLA-TP attends ``H/tp`` heads over the full 576-wide rows; TPLA
-(``g = tp``) attends all ``H`` heads over ``512/tp + 64``.  For each shape the benchmark times
-every implementation available on the device (CPU: the PyTorch path; CUDA: the Triton kernel,
-FlashInfer MLA at ``512/tp``, and FlashInfer's own MLA at 512 as the MLA baseline), and reports
-the median time, achieved GB/s (KV bytes read) and TFLOP/s, the fraction of the device
-roofline when known, and the MLA/TPLA time ratio.  CPU numbers are a smoke test, not a claim
-about GPUs.
+What one row is
+---------------
+The attention of **one decode step of one layer on one GPU rank** (query length 1), for a model
+(DeepSeek-V3: 128 heads, Kimi-K2: 64 heads; both kv_lora_rank 512 + RoPE 64) at a TP size:
+
+* ``mla``   stock MLA with head-sharded TP: ``H/TP`` heads over the full 576-wide rows (D=512)
+  and the whole context.
+* ``dcp``   SGLang's decode context parallelism with ``dcp`` ranks sharing a head shard: each
+  rank attends ``H*dcp/TP`` heads over ``context/dcp`` tokens of 576-wide rows.  The LSE
+  exchange / all-to-all that merges the ``dcp`` partial results is **not** measured.
+* ``tpla``  TPLA with ``g`` latent groups (``sglang_tpla.layout``): each rank attends the heads
+  of its group, ``H/(TP/g)``, over ``512/g + 64``-wide rows and the whole context.  The
+  all-reduce after ``o_proj`` is not part of attention and not measured here.
+
+On CUDA every row runs the project's Triton kernel through ``TritonTPLADecode.run`` (the call
+SGLang's CUDA graph captures, preallocated workspace, split count from ``splits_for``), timed
+with ``triton.testing.do_bench_cudagraph`` (median of graph replays).  **The MLA and DCP rows run
+the same Triton kernel at D=512**: without FlashInfer / FlashMLA on the machine that is the
+comparison available, and it compares kernels of equal quality rather than TPLA against the
+best MLA kernel.  Each timed call reads KV that is not in L2: the calls rotate over enough
+disjoint copies of the requests (their own slots, queries and indices) to move >= 256 MB.
+
+Reported per row: ``ms``; ``GBps`` = (KV bytes + q + o + int32 indices) / time; ``TFLOPs`` =
+``2*B*H*tokens*(2*D + 64)`` / time (QK over D+64, PV over D); ``roof_spec`` = the time the
+roofline allows, ``max(bytes / 4.8 TB/s, FLOPs / 989 TFLOP/s)`` (H200 datasheet), over the
+measured time (1.0 = at the roofline); ``roof_meas`` the same against the achieved ceilings
+(measured in the run when it measures them, else kernels.md §7: 4.3 TB/s copy, 788 TFLOP/s bf16
+GEMM); ``bound`` which side of the ridge the shape is on; ``speedup_vs_mla`` = MLA ms / this ms
+for the same model, TP, batch and context.
+
+On CPU the PyTorch path is timed (a smoke test of the harness, not a claim about GPUs).
+
+No SGLang import anywhere (the GPU check runs on machines without it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
 from ..shapes import DEEPSEEK_V3, KIMI_K2
 
 MODELS = {"deepseek-v3": DEEPSEEK_V3, "kimi-k2": KIMI_K2}
-# HBM bandwidth (B/s) and dense bf16 tensor throughput (FLOP/s) by device-name substring.
+D_PE = 64
+# Datasheet HBM bandwidth (B/s) and dense bf16 tensor throughput (FLOP/s) by device-name substring.
 ROOFLINES = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12), "H800": (3.35e12, 989e12), "A100": (2.0e12, 312e12)}
+# Achieved ceilings on an H200 (kernels.md §7, measured 2026-10-28): device-to-device copy and an
+# 8192^3 bf16 GEMM.  A run that measures its own ceilings passes those instead.
+ACHIEVED = {"H200": (4.3e12, 788e12)}
+ROTATE_BYTES = 256 << 20  # >= 5x the H200's 50 MB L2
+MAX_COPIES = 256
+
+DEFAULT_BATCHES = (1, 8, 32)
+DEFAULT_CONTEXTS = (4096, 32768)
+DEFAULT_TPS = (2, 8)
+DEFAULT_GROUPS = (2, 4)
+DEFAULT_DCPS = (2, 4)
 
 
-def _roofline(device: torch.device):
+# --------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class AttnCase:
+    """One per-rank attention shape."""
+
+    model: str
+    tp: int
+    variant: str  # "mla" | "dcp" | "tpla"
+    par: int  # 1 for mla, the DCP size, or TPLA's g
+    heads: int  # query heads on this rank
+    d: int  # latent width on this rank (value dim)
+    batch: int
+    context: int  # tokens per request (whole sequence)
+    tokens: int  # tokens per request this rank attends over
+
+    @property
+    def name(self) -> str:
+        v = "mla" if self.variant == "mla" else f"{self.variant}{self.par}"
+        return f"{self.model}-tp{self.tp}-{v}-b{self.batch}-ctx{_kctx(self.context)}"
+
+    @property
+    def label(self) -> str:
+        return {"mla": "MLA", "dcp": f"DCP dcp={self.par}", "tpla": f"TPLA g={self.par}"}[self.variant]
+
+
+def _kctx(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def variants(model: str, tp: int, groups=DEFAULT_GROUPS, dcps=DEFAULT_DCPS) -> list[tuple[str, int, int, int, int]]:
+    """``(variant, par, heads, d, token_divisor)`` per rank for one model and TP size.
+
+    TPLA's per-rank heads/width come from :class:`sglang_tpla.layout.TPLALayout` (rank r of group
+    ``r // (TP/g)`` holds the ``H/(TP/g)`` heads of its group and the latent slice ``512/g``);
+    invalid (TP, g) pairs are skipped."""
+    from ..layout import TPLALayout, TPLALayoutError
+
+    shape = MODELS[model]
+    h, lat = shape.num_heads, shape.kv_lora_rank
+    if h % tp:
+        raise ValueError(f"{model}: {h} heads do not split over TP={tp}")
+    out = [("mla", 1, h // tp, lat, 1)]
+    for dcp in dcps:
+        if dcp > 1 and tp % dcp == 0:
+            out.append(("dcp", dcp, h * dcp // tp, lat, dcp))
+    for g in groups:
+        try:
+            lay = TPLALayout(tp=tp, g=g, num_heads=h, kv_lora_rank=lat)
+        except TPLALayoutError:
+            continue
+        out.append(("tpla", g, lay.heads_per_rank, lay.slice_width, 1))
+    return out
+
+
+def attention_cases(models=tuple(MODELS), tps=DEFAULT_TPS, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS,
+                    groups=DEFAULT_GROUPS, dcps=DEFAULT_DCPS) -> list[AttnCase]:  # fmt: skip
+    cases = []
+    for m in models:
+        for tp in tps:
+            for b in batches:
+                for ctx in contexts:
+                    for v, par, heads, d, div in variants(m, tp, groups, dcps):
+                        cases.append(AttnCase(m, tp, v, par, heads, d, b, ctx, -(-ctx // div)))
+    return cases
+
+
+def traffic(c: AttnCase, kv_elem: int = 2, q_elem: int = 2) -> dict:
+    """Bytes that must cross HBM and FLOPs of one call (every input read once, output written once)."""
+    kv = c.batch * c.tokens * (c.d + D_PE) * kv_elem
+    q = c.batch * c.heads * (c.d + D_PE) * q_elem
+    o = c.batch * c.heads * c.d * q_elem
+    idx = c.batch * c.tokens * 4 + (c.batch + 1) * 4
+    flops = 2 * c.batch * c.heads * c.tokens * (2 * c.d + D_PE)
+    return {"kv_bytes": kv, "bytes": kv + q + o + idx, "flops": flops}
+
+
+def roofline_fields(ms: float, nbytes: float, flops: float, spec=None, meas=None) -> dict:
+    """``roof_*`` = roofline time / measured time (1.0 = at the roofline); ``bound`` from the spec ridge."""
+    out = {}
+    t = ms * 1e-3
+    if spec:
+        bw, pk = spec
+        floor = max(nbytes / bw, flops / pk)
+        out.update(roof_spec=floor / t if t > 0 else math.nan, bw_frac_spec=nbytes / t / bw if t > 0 else math.nan,
+                   bound="compute" if flops / pk > nbytes / bw else "memory",
+                   intensity=flops / nbytes)  # fmt: skip
+    if meas:
+        bw, pk = meas
+        out["roof_meas"] = max(nbytes / bw, flops / pk) / t if t > 0 else math.nan
+    return out
+
+
+def device_ceilings(device: torch.device):
+    """(datasheet, achieved) ceilings for the device, each (B/s, FLOP/s) or None."""
     if device.type != "cuda":
-        return None
+        return None, None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in ROOFLINES.items() if k in name), None)
+    spec = next((v for k, v in ROOFLINES.items() if k in name), None)
+    meas = next((v for k, v in ACHIEVED.items() if k in name), None)
+    return spec, meas
 
 
-def _problem(batch, heads, d, ctx, dtype, device, gen):
-    slots = batch * ctx
-    rows = torch.randn(slots, 1, d + 64, generator=gen, dtype=torch.float32).to(device, dtype)
-    q = (torch.randn(batch, heads, d + 64, generator=gen) * 0.1).to(device, dtype)
-    indptr = torch.arange(0, slots + 1, ctx, dtype=torch.int32, device=device)
-    indices = torch.randperm(slots, generator=gen).to(device, torch.int32)
-    return rows, q, indptr, indices
+# --------------------------------------------------------------------------- GPU (Triton) path
 
 
-def _torch_impl(rows, q, indptr, indices, d, scale):
-    """Batched PyTorch decode (equal lengths): the CPU path's math without the per-request loop."""
+def _copies(bytes_per_copy: int, limit: int = MAX_COPIES) -> int:
+    return max(1, min(limit, -(-ROTATE_BYTES // max(1, bytes_per_copy))))
+
+
+class AttnProblem:
+    """KV pool, ``copies`` disjoint request sets and a ``TritonTPLADecode`` for one per-rank shape.
+
+    ``call()`` runs the next request set (round robin): what ``do_bench_cudagraph`` captures.
+    Slot 0 of the pool is the dummy slot SGLang points padded requests at; request slots are a
+    random permutation of the rest.  ``device="meta"`` builds every shape without memory (dry run).
+    """
+
+    def __init__(self, heads: int, d: int, batch: int, tokens: int, device, *, sm_scale: float,
+                 q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16, kv_scale: float = 1.0, mu: float | None = None,
+                 copies: int | None = None, num_sms: int | None = None, seed: int = 0):  # fmt: skip
+        from sglang_tpla.kernels.triton_decode import TritonTPLADecode
+
+        device = torch.device(device)
+        self.heads, self.d, self.batch, self.tokens = heads, d, batch, tokens
+        kv_elem = torch.empty(0, dtype=kv_dtype).element_size()
+        per_copy = batch * tokens * (d + D_PE) * kv_elem
+        self.copies = copies or _copies(per_copy)
+        meta = device.type == "meta"
+        gen = None if meta else torch.Generator(device=device).manual_seed(seed)
+        slots = self.copies * batch * tokens + 1
+        if kv_dtype == torch.float8_e4m3fn:
+            self.rows = torch.empty(slots, 1, d + D_PE, dtype=kv_dtype, device=device)
+            if not meta:  # fill in chunks: no fp32 copy of a multi-GB pool
+                for lo in range(0, slots, 1 << 20):
+                    hi = min(slots, lo + (1 << 20))
+                    self.rows[lo:hi] = (torch.randn(hi - lo, 1, d + D_PE, device=device, generator=gen) / kv_scale).to(kv_dtype)
+        else:
+            self.rows = torch.empty(slots, 1, d + D_PE, dtype=kv_dtype, device=device)
+            if not meta:
+                self.rows.normal_(generator=gen)
+        self.q_lat, self.q_pe, self.indptr, self.indices = [], [], [], []
+        indptr = torch.arange(0, batch * tokens + 1, tokens, dtype=torch.int32, device=device)
+        for c in range(self.copies):
+            q = torch.randn(batch, heads, d + D_PE, device=device, generator=gen).to(q_dtype)
+            self.q_lat.append(q[..., :d])  # strided views of one q buffer, as SGLang passes them
+            self.q_pe.append(q[..., d:])
+            self.indptr.append(indptr)
+            perm = torch.randperm(batch * tokens, device=device, generator=gen)
+            self.indices.append((perm + 1 + c * batch * tokens).to(torch.int32))
+        self.dec = TritonTPLADecode(device, heads, d, sm_scale, q_dtype, kv_dtype, max_batch=batch, kv_scale=kv_scale,
+                                    mu=mu, num_sms=num_sms if num_sms is not None else (132 if device.type != "cuda" else None))  # fmt: skip
+        self.splits = self.dec.splits_for(batch)
+        self.out = torch.empty(batch, heads, d, dtype=q_dtype, device=device)
+        self._i = 0
+
+    def call(self, c: int | None = None):
+        if c is None:
+            c = self._i
+            self._i = (self._i + 1) % self.copies
+        return self.dec.run(self.q_lat[c], self.q_pe[c], self.rows, self.indptr[c], self.indices[c], out=self.out)
+
+
+def cudagraph_timer(rep_ms: float = 15.0):
+    """Median ms of CUDA-graph replays (``triton.testing.do_bench_cudagraph``)."""
+    from triton.testing import do_bench_cudagraph
+
+    def timer(fn):
+        return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+
+    return timer
+
+
+def run_attention_case(c: AttnCase, device, timer, *, warm: bool = False, spec=None, meas=None,
+                       kv_dtype=torch.bfloat16) -> dict:  # fmt: skip
+    """Time one shape with the Triton kernel.  ``warm``: same kernel specialisations (batch,
+    heads, D, splits) over 64 tokens, run once untimed, so a later timed run finds them compiled."""
+    shape = MODELS[c.model]
+    scale = (shape.qk_nope_head_dim + shape.qk_rope_head_dim) ** -0.5
+    tokens = min(c.tokens, 64) if warm else c.tokens
+    prob = AttnProblem(c.heads, c.d, c.batch, tokens, device, sm_scale=scale, kv_dtype=kv_dtype,
+                       copies=1 if warm else None)  # fmt: skip
+    rec = {"name": c.name, **asdict(c), "label": c.label, "splits": prob.splits, "copies": prob.copies}
+    if warm:
+        prob.call()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return rec
+    kv_elem = torch.empty(0, dtype=kv_dtype).element_size()
+    tr = traffic(c, kv_elem=kv_elem)
+    ms = timer(prob.call)
+    rec.update(tr, ms=ms, GBps=tr["bytes"] / (ms * 1e-3) / 1e9, TFLOPs=tr["flops"] / (ms * 1e-3) / 1e12)
+    rec.update(roofline_fields(ms, tr["bytes"], tr["flops"], spec, meas))
+    return rec
+
+
+def add_speedups(rows: list[dict], key=("model", "tp", "batch", "context")) -> list[dict]:
+    """``speedup_vs_mla`` = MLA ms / row ms for rows sharing ``key`` (an MLA row must exist)."""
+    mla = {tuple(r[k] for k in key): r["ms"] for r in rows if r.get("variant") == "mla" and "ms" in r}
+    for r in rows:
+        base = mla.get(tuple(r.get(k) for k in key))
+        if base is not None and r.get("ms"):
+            r["speedup_vs_mla"] = base / r["ms"]
+    return rows
+
+
+def _f(x, fmt):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table, the MLA row of each (model, TP, batch, context) first."""
+    order = {"mla": 0, "dcp": 1, "tpla": 2}
+    rows = sorted((r for r in rows if "ms" in r), key=lambda r: (r["model"], r["tp"], r["batch"], r["context"],
+                                                                  order[r["variant"]], r["par"]))  # fmt: skip
+    out = [
+        "| model | TP | batch | context | variant | heads x D | tokens/rank | ms | GB/s | TFLOP/s | roof (spec) | "
+        "roof (achieved) | bound | speedup vs MLA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['model']} | {r['tp']} | {r['batch']} | {_kctx(r['context'])} | {r['label']} | {r['heads']} x {r['d']} | "
+            f"{r['tokens']} | {_f(r['ms'], '.4f')} | {_f(r.get('GBps'), '.0f')} | {_f(r.get('TFLOPs'), '.1f')} | "
+            f"{_f(r.get('roof_spec'), '.2f')} | {_f(r.get('roof_meas'), '.2f')} | {r.get('bound', 'n/a')} | "
+            f"{_f(r.get('speedup_vs_mla'), '.2f')}x |"
+        )
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- CPU (PyTorch) smoke path
+
+
+def _torch_attention(rows, q, indptr, indices, d, scale):
+    """Batched PyTorch decode (equal lengths): the reference math without the per-request loop."""
     b = q.shape[0]
     ctx = rows[indices.long()].view(b, -1, rows.shape[-1]).float()
     logits = torch.einsum("bhe,ble->bhl", q.float(), ctx) * scale
     return torch.einsum("bhl,bld->bhd", torch.softmax(logits, -1), ctx[..., :d])
 
 
-def implementations(device: torch.device, d: int, dtype: torch.dtype):
-    """name -> callable(rows, q, indptr, indices, d, scale) for what this device can run."""
-    impls = {}
-    if device.type == "cpu":
-        impls["torch"] = _torch_impl
-        return impls
-    from sglang_tpla.kernels.select import flashinfer_refusal
-    from sglang_tpla.kernels.tpla_decode import tpla_decode_attention
-
-    def triton_impl(rows, q, indptr, indices, d, scale):
-        flat = rows.view(rows.shape[0], -1)
-        return tpla_decode_attention(q[..., :d], q[..., d:], flat[:, :d], flat[:, d:], indptr, indices, scale)
-
-    impls["triton"] = triton_impl
-    try:
-        import flashinfer
-
-        backend, why = flashinfer_refusal(torch.cuda.get_device_capability(device), d, str(dtype).removeprefix("torch."), flashinfer.__version__)
-    except ImportError:
-        backend, why = None, "flashinfer not installed"
-    if backend:
-        from sglang_tpla.kernels.flashinfer_decode import FlashInferTPLADecode
-
-        cache = {}
-
-        def fi_impl(rows, q, indptr, indices, d, scale):
-            key = (q.shape[1], d)
-            if key not in cache:
-                cache[key] = FlashInferTPLADecode(device, backend, q.shape[1], d, 64, scale, q.dtype)
-                cache[key].plan(indptr, indices)
-            return cache[key].run(q[..., :d], q[..., d:], rows)
-
-        impls[f"flashinfer-{backend}"] = fi_impl
-    else:
-        print(f"# flashinfer skipped for D={d}: {why}", file=sys.stderr)
-    return impls
-
-
-def _time(fn, device, repeat):
+def _time_host(fn, repeat):
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times) * 1e3
 
 
-def run(models, tps, contexts, batch, dtype, device, repeat, progress=print):
-    gen = torch.Generator().manual_seed(0)
-    roof = _roofline(device)
-    rows_out = []
-    for mname in models:
-        shape = MODELS[mname]
-        scale = (shape.qk_nope_head_dim + shape.qk_rope_head_dim) ** -0.5
-        for tp in tps:
-            variants = {"mla": (shape.num_heads // tp, shape.kv_lora_rank), "tpla": (shape.num_heads, shape.kv_lora_rank // tp)}
-            for ctx in contexts:
-                res = {}
-                for kind, (heads, d) in variants.items():
-                    rows, q, indptr, indices = _problem(batch, heads, d, ctx, dtype, device, gen)
-                    kv_bytes = rows.numel() * rows.element_size()
-                    flops = 2 * batch * heads * ctx * ((d + 64) + d)
-                    for iname, fn in implementations(device, d, dtype).items():
-                        t = _time(lambda: fn(rows, q, indptr, indices, d, scale), device, repeat)
-                        r = {"model": mname, "tp": tp, "context": ctx, "variant": kind, "impl": iname, "heads": heads,
-                             "d_ckv": d, "ms": t * 1e3, "GBps": kv_bytes / t / 1e9, "TFLOPs": flops / t / 1e12}
-                        if roof:
-                            r["bw_frac"] = kv_bytes / t / roof[0]
-                            r["flop_frac"] = flops / t / roof[1]
-                        res[(kind, iname)] = r
-                        rows_out.append(r)
-                        progress(json.dumps(r))
-                best = {k: min(v["ms"] for (kk, _), v in res.items() if kk == k) for k in ("mla", "tpla")}
-                rows_out.append({"model": mname, "tp": tp, "context": ctx, "speedup_mla_over_tpla": best["mla"] / best["tpla"]})
-    return rows_out
+def run_attention_case_cpu(c: AttnCase, repeat: int, gen: torch.Generator) -> dict:
+    shape = MODELS[c.model]
+    scale = (shape.qk_nope_head_dim + shape.qk_rope_head_dim) ** -0.5
+    slots = c.batch * c.tokens
+    rows = torch.randn(slots, c.d + D_PE, generator=gen)
+    q = torch.randn(c.batch, c.heads, c.d + D_PE, generator=gen) * 0.1
+    indptr = torch.arange(0, slots + 1, c.tokens, dtype=torch.int32)
+    indices = torch.randperm(slots, generator=gen).to(torch.int32)
+    ms = _time_host(lambda: _torch_attention(rows, q, indptr, indices, c.d, scale), repeat)
+    tr = traffic(c, kv_elem=4, q_elem=4)
+    return {"name": c.name, **asdict(c), "label": c.label, "impl": "torch-cpu", **tr, "ms": ms,
+            "GBps": tr["bytes"] / (ms * 1e-3) / 1e9, "TFLOPs": tr["flops"] / (ms * 1e-3) / 1e12}  # fmt: skip
 
 
-def table(rows) -> str:
-    out = ["| model | TP | context | MLA best ms | TPLA best ms | speedup |", "|---|---|---|---|---|---|"]
-    best = {}
-    for r in rows:
-        if "variant" in r:
-            key = (r["model"], r["tp"], r["context"], r["variant"])
-            best[key] = min(best.get(key, float("inf")), r["ms"])
-    for r in rows:
-        if "speedup_mla_over_tpla" in r:
-            m, tp, c = r["model"], r["tp"], r["context"]
-            out.append(f"| {m} | {tp} | {c} | {best[(m, tp, c, 'mla')]:.3f} | {best[(m, tp, c, 'tpla')]:.3f} | {r['speedup_mla_over_tpla']:.2f}x |")
-    return "\n".join(out)
+# --------------------------------------------------------------------------- CLI
+
+
+def _ints(s):
+    return [int(x) for x in str(s).split(",") if x]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m sglang_tpla.bench.kernels", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--models", default="deepseek-v3,kimi-k2")
-    ap.add_argument("--tp", default="2,4,8")
-    ap.add_argument("--contexts", default=None, help="default: 1024..32768 on CUDA, 256,1024 on CPU")
-    ap.add_argument("--batch", type=int, default=None, help="default: 16 on CUDA, 2 on CPU")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--tp", default=",".join(map(str, DEFAULT_TPS)))
+    ap.add_argument("--groups", default=",".join(map(str, DEFAULT_GROUPS)), help="TPLA g values (invalid ones skipped)")
+    ap.add_argument("--dcp", default=",".join(map(str, DEFAULT_DCPS)), help="DCP sizes (those not dividing TP skipped)")
+    ap.add_argument("--batch", default=None, help="comma list; default 1,8,32 on CUDA, 2 on CPU")
+    ap.add_argument("--contexts", default=None, help="comma list; default 4096,32768 on CUDA, 256 on CPU")
+    ap.add_argument("--kv-dtype", default="bfloat16", choices=("bfloat16", "float8_e4m3fn"))
+    ap.add_argument("--repeat", type=int, default=3, help="CPU only: timed repeats")
+    ap.add_argument("--rep-ms", type=float, default=15.0, help="CUDA only: do_bench_cudagraph rep (ms)")
     ap.add_argument("--out", help="write all rows as JSON lines")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cpu = device.type == "cpu"
-    contexts = [int(x) for x in (args.contexts or ("256,1024" if cpu else "1024,2048,4096,8192,16384,32768")).split(",")]
-    dtype = getattr(torch, args.dtype)
-    rows = run(args.models.split(","), [int(x) for x in args.tp.split(",")], contexts, args.batch or (2 if cpu else 16),
-               dtype, device, args.repeat or (3 if cpu else 20), progress=lambda s: print(s, file=sys.stderr, flush=True))
-    where = torch.cuda.get_device_name(device) if not cpu else "CPU (PyTorch path: a smoke test, not a GPU claim)"
-    print(f"## Per-rank decode attention, {where}, {args.dtype}\n")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    batches = _ints(args.batch or ("1,8,32" if cuda else "2"))
+    contexts = _ints(args.contexts or ("4096,32768" if cuda else "256"))
+    cases = attention_cases(args.models.split(","), _ints(args.tp), batches, contexts, _ints(args.groups), _ints(args.dcp))
+    rows = []
+    if cuda:
+        spec, meas = device_ceilings(device)
+        timer = cudagraph_timer(args.rep_ms)
+        for c in cases:
+            r = run_attention_case(c, device, timer, spec=spec, meas=meas, kv_dtype=getattr(torch, args.kv_dtype))
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+        where = torch.cuda.get_device_name(device)
+    else:
+        gen = torch.Generator().manual_seed(0)
+        for c in cases:
+            r = run_attention_case_cpu(c, args.repeat, gen)
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+        where = "CPU (PyTorch path: a smoke test, not a GPU claim)"
+    add_speedups(rows)
+    print(f"## Per-rank decode attention, one layer, {where}\n")
     print(table(rows))
     if args.out:
         with open(args.out, "w") as f:
