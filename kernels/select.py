@@ -5,7 +5,9 @@
   ckv in {128, 256, 512}, fa2 on SM80+ for ckv a multiple of 128.  Refused, with the Triton
   kernel as fallback, when flashinfer is missing or older than 0.7.2 (its fa3 kernel is
   silently wrong for ckv != 512 before that), when ckv is 64 (no FlashInfer MLA backend takes
-  it), or when the dtype is not fp16/bf16.
+  it), when the dtype is not fp16/bf16, or when the KV cache is fp8 (FlashInfer 0.7.2 reads
+  fp8 MLA KV only at ckv 512 with a per-tensor scale plan; the Triton kernel reads fp8 rows at
+  every slice width).
 * ``SGLANG_TPLA_IMPL=torch|triton|flashinfer`` forces a choice (refused if impossible).
 
 Pure Python (packaging only): no torch, no sglang.
@@ -32,8 +34,15 @@ def _version_ok(version: str) -> bool:
     return Version(version) >= Version(MIN_FLASHINFER)
 
 
-def flashinfer_refusal(sm: tuple[int, int] | None, d_ckv: int, dtype: str, version: str | None) -> tuple[str | None, str]:
+def flashinfer_refusal(
+    sm: tuple[int, int] | None, d_ckv: int, dtype: str, version: str | None, kv_dtype: str | None = None
+) -> tuple[str | None, str]:
     """(backend, "") if FlashInfer MLA can run this, else (None, why not)."""
+    if kv_dtype is not None and kv_dtype.startswith("float8"):
+        return None, (
+            f"{kv_dtype} KV cache: FlashInfer MLA reads fp8 KV only at head_dim_ckv 512 (this slice is {d_ckv}); "
+            "the Triton kernel reads fp8 rows"
+        )
     if version is None:
         return None, "flashinfer is not installed"
     if not _version_ok(version):
@@ -58,8 +67,10 @@ def choose(
     sm: tuple[int, int] | None = None,
     flashinfer_version: str | None = None,
     forced: str | None = None,
+    kv_dtype: str | None = None,
 ) -> Choice:
-    """The implementation for one rank: ``dtype`` as a torch dtype name (``"bfloat16"``)."""
+    """The implementation for one rank: ``dtype`` (queries) and ``kv_dtype`` (the KV cache, default
+    ``dtype``) as torch dtype names (``"bfloat16"``, ``"float8_e4m3fn"``)."""
     if forced and forced not in IMPLS:
         raise ValueError(f"SGLANG_TPLA_IMPL={forced!r}: choose one of {list(IMPLS)}")
     if device_type != "cuda":
@@ -68,7 +79,7 @@ def choose(
         return Choice("torch", f"{device_type} device: plain-PyTorch path")
     if forced == "torch":
         return Choice("torch", "forced by SGLANG_TPLA_IMPL=torch")
-    backend, why_not = flashinfer_refusal(sm, d_ckv, dtype, flashinfer_version)
+    backend, why_not = flashinfer_refusal(sm, d_ckv, dtype, flashinfer_version, kv_dtype)
     if forced == "flashinfer":
         if backend is None:
             raise ValueError(f"SGLANG_TPLA_IMPL=flashinfer refused: {why_not}")

@@ -148,12 +148,20 @@ def _gather_prefix(pool, layer_id, slots, rt):
 
 
 def _prefix_slots(backend, forward_batch, prefix_lens) -> torch.Tensor:
-    """The cached-prefix token slots of the whole batch, computed once per forward (not per layer)."""
+    """The cached-prefix token slots of the whole batch (request after request), computed once per
+    forward (not per layer) with the decode path's vectorized gather; ``prefix_lens`` is SGLang's
+    host list, so no device value is read on the host."""
     slots = getattr(forward_batch, "_tpla_prefix_slots", None)
     if slots is None:
+        from sglang_tpla.metadata import gather_kv_indices
+
         r2t = backend.req_to_token_pool.req_to_token
-        rows = forward_batch.req_pool_indices.tolist()
-        slots = torch.cat([r2t[r, :p].long() for r, p in zip(rows, prefix_lens)])
+        dev = forward_batch.req_pool_indices.device
+        lens = torch.tensor(prefix_lens, dtype=torch.int32).to(dev)
+        indptr = torch.zeros(len(prefix_lens) + 1, dtype=torch.int32, device=dev)
+        torch.cumsum(lens, 0, dtype=torch.int32, out=indptr[1:])
+        slots = torch.empty(sum(prefix_lens), dtype=torch.long, device=dev)
+        gather_kv_indices(r2t, forward_batch.req_pool_indices, lens, indptr, slots, slots.numel())
         forward_batch._tpla_prefix_slots = slots
     return slots
 
@@ -171,7 +179,7 @@ def _exact_extend(self, q_pe, k_pe, q_lat, k_nope, forward_batch):
     ext_lens = list(forward_batch.extend_seq_lens_cpu)
     if sum(prefix_lens):
         pre_lat, pre_pe = _gather_prefix(
-            backend_pool, layer.layer_id, _prefix_slots(backend, forward_batch, prefix_lens).to(k_nope.device), self.tpla.runtime
+            backend_pool, layer.layer_id, _prefix_slots(backend, forward_batch, prefix_lens), self.tpla.runtime
         )
     out = torch.empty_like(q_lat)
     start_q = start_p = 0
@@ -202,7 +210,7 @@ def _tpla_extend(self, q_pe, k_pe, q_lat, k_slice, forward_batch):
     prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
     ext_lens = list(forward_batch.extend_seq_lens_cpu)
     if sum(prefix_lens):
-        slots = _prefix_slots(backend, forward_batch, prefix_lens).to(k_slice.device)
+        slots = _prefix_slots(backend, forward_batch, prefix_lens)
         pre = pool.get_key_buffer(layer.layer_id)[slots].reshape(len(slots), -1)  # [P, D + rope], own slice
     out = torch.empty_like(q_lat)
     start_q = start_p = 0

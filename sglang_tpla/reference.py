@@ -187,8 +187,8 @@ def latent_attention(
         lat = lat * mu
     logits = (lat + torch.einsum("thp,lp->thl", q_pe, kpe)) * sm_scale
     if causal_offset is not None:
-        keys = torch.arange(ckv.shape[0])
-        allowed = keys[None, :] <= (causal_offset + torch.arange(t))[:, None]
+        keys = torch.arange(ckv.shape[0], device=ckv.device)
+        allowed = keys[None, :] <= (causal_offset + torch.arange(t, device=ckv.device))[:, None]
         logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
     return torch.einsum("thl,ld->thd", torch.softmax(logits, dim=-1), ckv)
 

@@ -44,8 +44,8 @@ class StandInWrapper:
 
     instances = []
 
-    def __init__(self, workspace, backend):
-        self.backend, self.plans, self.runs = backend, [], []
+    def __init__(self, workspace, backend, use_cuda_graph=False, **buffers):
+        self.backend, self.use_cuda_graph, self.buffers, self.plans, self.runs = backend, use_cuda_graph, buffers, [], []
         StandInWrapper.instances.append(self)
 
     def plan(self, **kw):
@@ -56,22 +56,23 @@ class StandInWrapper:
         return torch.zeros(query[0].shape)
 
 
-def test_flashinfer_plumbing_strided_views_int32_and_one_plan_per_step():
+def test_flashinfer_plumbing_strided_views_host_plan_arrays_and_one_plan_per_step():
     from sglang_tpla.kernels.flashinfer_decode import FlashInferTPLADecode
 
     d, h = 256, 16
     pool = torch.randn(40, 1, d + 64, dtype=torch.bfloat16)  # the rank's [slots, 1, D + 64] buffer
-    fi = FlashInferTPLADecode("cpu", "fa3", h, d, 64, 0.1, torch.bfloat16, wrapper_cls=StandInWrapper)
+    fi = FlashInferTPLADecode(torch.empty(8), "fa3", h, d, 64, 0.1, torch.bfloat16, wrapper_cls=StandInWrapper)
     w = StandInWrapper.instances[-1]
-    assert w.backend == "fa3"
+    assert w.backend == "fa3" and not w.use_cuda_graph
     with pytest.raises(RuntimeError, match="before plan"):
         fi.run(torch.zeros(2, h, d), torch.zeros(2, h, 64), pool)
-    fi.plan(torch.tensor([0, 3, 8]), torch.tensor([4, 5, 6, 9, 10, 11, 12, 13]))
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    fi.plan(i32([0, 1, 2]), i32([0, 3, 8]), i32([4, 5, 6, 9, 10, 11, 12, 13]), i32([3, 5]))
     (plan,) = w.plans
     meta = plan["metadata"]  # flashinfer's real MLAPlanMetadata.csr (it imports without CUDA)
     qo, indptr, indices, lens = meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_len_arr
     assert all(t.dtype == torch.int32 for t in (qo, indptr, indices, lens))
-    assert qo.tolist() == [0, 1, 2] and lens.tolist() == [3, 5]
+    assert qo.tolist() == [0, 1, 2] and lens.tolist() == [3, 5] and indptr.tolist() == [0, 3, 8]
     assert (plan["head_dim_ckv"], plan["head_dim_kpe"], plan["page_size"], plan["num_heads"]) == (d, 64, 1, h)
     assert (plan["query_layout"], plan["kv_cache_layout"], plan["causal"]) == ("split", "split", False)
     for _ in range(3):  # three layers reuse the step's plan
@@ -88,3 +89,10 @@ def test_backend_reports_cpu_choice():
 
     c = choose_implementation(torch.device("cpu"), 256, torch.float32)
     assert c.impl == "torch"
+
+
+@pytest.mark.parametrize("d", [512, 256])
+def test_fp8_kv_cache_goes_to_triton_and_says_why(d):
+    c = choose("cuda", d, "bfloat16", H100, "0.7.2", kv_dtype="float8_e4m3fn")
+    assert c.impl == "triton" and "float8_e4m3fn KV cache" in c.reason
+    assert choose("cpu", d, "bfloat16", kv_dtype="float8_e4m3fn").impl == "torch"
