@@ -152,12 +152,12 @@ def calibration_from_snapshot(snap: dict, num_layers: int) -> Calibration:
 # --------------------------------------------------------------------------- driver
 
 
-def _progress(done: int, total: int, t0: float) -> None:
-    width = 30
-    fill = int(width * done / max(total, 1))
-    rate = done / max(time.time() - t0, 1e-9)
-    sys.stderr.write(f"\rcalibrate [{'#' * fill}{'.' * (width - fill)}] {done}/{total} tokens ({rate:.0f} tok/s)")
-    sys.stderr.flush()
+def _progress_bar(total: int):
+    """tqdm bar over the prompt tokens sent (rate and ETA), on stderr."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="calibrate", file=sys.stderr, dynamic_ncols=True,
+                smoothing=0.1)
 
 
 def run(args, server_args: list[str]) -> Path:
@@ -187,21 +187,22 @@ def run(args, server_args: list[str]) -> Path:
     }
     print(f"calibrate: {sent} tokens in {len(windows)} windows of <= {args.seq_len}; server log {server.log_path}",
           file=sys.stderr)
+    print("calibrate: starting the server (1-3 minutes on a small CPU; a large model takes its load time) ...",
+          file=sys.stderr, flush=True)
     with server:
         run_id = uuid.uuid4().hex
         (work / "armed").write_text(run_id)
-        done, lock, t0 = 0, threading.Lock(), time.time()
+        lock = threading.Lock()
+        bar = _progress_bar(sent)
 
         def send(ids):
-            nonlocal done
             server.post("/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
             with lock:
-                done += len(ids)
-                _progress(done, sent, t0)
+                bar.update(len(ids))
 
         with ThreadPoolExecutor(max_workers=max(1, args.batch)) as pool:
             list(pool.map(send, windows))
-        sys.stderr.write("\n")
+        bar.close()
         deadline = time.time() + args.flush_timeout
         snap = None
         while time.time() < deadline:

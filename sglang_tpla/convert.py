@@ -105,6 +105,11 @@ def _log(msg: str) -> None:
     print(f"[tpla-convert] {msg}", file=sys.stderr, flush=True)
 
 
+def _eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
@@ -539,6 +544,7 @@ def convert(
             return t
 
         weight_map: dict[str, str] = {}
+        written, t_write = 0, time.time()
         for si, sh in enumerate(ckpt.shards, 1):
             items: list[_Item] = []
             n_new = n_drop = 0
@@ -556,8 +562,13 @@ def convert(
             _log(f"shard {si}/{len(ckpt.shards)} {sh.path.name}: {len(sh.entries)} tensors "
                  f"({n_new} rewritten, {n_drop} scale(s) dropped, {len(items) - n_new} copied)")
             size = _write_shard(tmp / sh.path.name, sh, items, sh.metadata)
+            written += size
+            took = time.time() - t_write
+            eta = took / max(written, 1) * (total_out - written)
             _log(f"shard {si}/{len(ckpt.shards)} {sh.path.name}: wrote {_gb(size)}; "
-                 f"{n_folded}/{sum(l.fold for l in layers)} layers folded, {len(pending)} held for later shards")
+                 f"{n_folded}/{sum(l.fold for l in layers)} layers folded, {len(pending)} held for later shards; "
+                 f"{_gb(written)} of {_gb(total_out)} ({100 * written / max(total_out, 1):.0f} %) in {_eta(took)}, "
+                 f"ETA {_eta(eta)}")
         if pending:
             raise AssertionError(f"internal: layers {sorted(pending)} not fully written")
 

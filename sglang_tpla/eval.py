@@ -302,9 +302,12 @@ def run_variant(variant: Variant, args, docs: list[Doc], vocab: int, log_dir: Pa
                        log_path=log_dir / f"{safe}.log", name=f"eval-{safe}",
                        startup_timeout=args.startup_timeout) as srv:
         print(f"[eval]   ready after {time.time() - t0:.0f} s; {len(docs)} docs x (forced {len(docs[0].continuation)} + greedy {args.gen_len})", flush=True)
+        from tqdm import tqdm
+
+        bar = dict(total=len(docs), unit="doc", file=sys.stderr, leave=False, dynamic_ncols=True)
         with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as ex:
-            forced = list(ex.map(lambda d: forced_request(srv, d, vocab), docs))
-            greedy = list(ex.map(lambda d: srv.generate(d.prompt, args.gen_len)[0], docs))
+            forced = list(tqdm(ex.map(lambda d: forced_request(srv, d, vocab), docs), desc="  teacher-forced", **bar))
+            greedy = list(tqdm(ex.map(lambda d: srv.generate(d.prompt, args.gen_len)[0], docs), desc="  greedy", **bar))
     for doc, (toks, lps, dist) in zip(docs, forced):
         if toks != doc.continuation:
             raise RuntimeError(f"[eval] {variant.name}: forcing failed (server produced {toks[:8]}..., wanted {doc.continuation[:8]}...)")
@@ -570,16 +573,23 @@ def run_eval(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log_dir = out / "logs"
     log_dir.mkdir(exist_ok=True)
+    if not (Path(args.model_path) / "config.json").is_file():
+        raise SystemExit(f"[eval] --model-path {args.model_path} has no config.json; pass a local HF checkpoint folder "
+                         "(e.g. tests/assets/tiny-deepseek-trained)")
     vocab = json.loads((Path(args.model_path) / "config.json").read_text())["vocab_size"]
     docs, source = load_docs(args.data, args.model_path, args.num_docs, args.prompt_len, args.gen_len, vocab, args.seed)
     variants, skipped = plan_variants(args)
     print(f"[eval] {len(docs)} docs from {source}; variants: MLA + {[v.name for v in variants]}", flush=True)
     env = {"SGLANG_TPLA_CPU_MEM_GB": str(args.cpu_mem_gb)}
     import sglang_tpla.patches.forced_decode  # noqa: F401 - imports sglang's processor base once, before any timing
+    t_all = time.time()
     base = run_variant(Variant("MLA", None, "mla"), args, docs, vocab, log_dir, env)
     rows = [summarize(base, base)]
     runs = {"MLA": base}
-    for v in variants:
+    for i, v in enumerate(variants, 1):
+        done = time.time() - t_all  # every server so far (MLA included) took about the same time
+        print(f"[eval] variant {i}/{len(variants)}: {done / 60:.1f} min so far, ETA {done / i * (len(variants) - i + 1) / 60:.1f} min "
+              "for the remaining servers", flush=True)
         try:
             runs[v.name] = r = run_variant(v, args, docs, vocab, log_dir, env)
         except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others

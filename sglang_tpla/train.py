@@ -445,6 +445,10 @@ def train(a: TrainArgs, command: str = "") -> dict:
     rows = []
     ema = None
     step = 0
+    from tqdm import tqdm
+
+    # progress with ETA on stderr; a time-bounded run knows its step count after 10 steps
+    bar = tqdm(total=a.steps or None, unit="step", desc="train", file=sys.stderr, dynamic_ncols=True, leave=False)
     while step < total_steps:
         if pos + a.batch > order.numel():
             order = torch.randperm(train_wins.shape[0], generator=gen)
@@ -463,21 +467,27 @@ def train(a: TrainArgs, command: str = "") -> dict:
         loss_v = loss.item()
         ema = loss_v if ema is None else 0.9 * ema + 0.1 * loss_v
         elapsed = time.time() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
         if step == 10 and not a.steps:
             # time-bounded run: fix the schedule length from the measured step time (incl. eval overhead)
             per_step = elapsed / step * (1 + 0.6 * a.eval_windows / (a.batch * a.eval_every))
             total_steps = max(step + 1, int(budget / per_step))
             print(f"[schedule] {elapsed / step:.2f} s/step -> {total_steps} steps in {a.minutes} min", flush=True)
+            bar.total = total_steps
+            bar.refresh()
         last = step == total_steps or elapsed > budget
         if step % a.eval_every == 0 or last or step == 1:
             held = mean_nll(model, eval_wins)
             rows.append({"step": step, "tokens": step * a.batch * a.seq_len, "elapsed_s": round(elapsed, 1),
                          "lr": opt.param_groups[0]["lr"], "train_loss": round(loss_v, 4), "train_loss_ema": round(ema, 4),
                          "heldout_nll": round(held, 4), "heldout_ppl": round(math.exp(held), 2), "grad_norm": round(gnorm, 3)})
-            print(f"[step {step}/{total_steps}] {elapsed:7.0f}s loss {loss_v:.3f} (ema {ema:.3f}) held-out ppl "
+            eta = f" (ETA {elapsed / step * (total_steps - step) / 60:.1f} min)" if total_steps < 10**9 else ""
+            print(f"[step {step}/{total_steps}] {elapsed:7.0f}s{eta} loss {loss_v:.3f} (ema {ema:.3f}) held-out ppl "
                   f"{math.exp(held):.1f} (unigram {math.exp(uni_nll_eval):.1f}) lr {opt.param_groups[0]['lr']:.2e} |g| {gnorm:.2f}", flush=True)
         if last:
             break
+    bar.close()
     train_s = time.time() - t0
 
     # final: whole held-out set, bf16 weights as saved (what serving and the evaluation see)
