@@ -141,8 +141,12 @@ def _gather_prefix(pool, layer_id, slots, rt):
     from sglang.srt.distributed.parallel_state import get_attn_tp_group
 
     group = get_attn_tp_group()
-    parts = [torch.empty_like(rows) for _ in range(group.world_size)]
-    dist.all_gather(parts, rows.contiguous(), group=group.device_group)
+    wire = rows.contiguous()
+    if wire.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # fp8 KV cache: collectives move bytes
+        wire = wire.view(torch.uint8)
+    parts = [torch.empty_like(wire) for _ in range(group.world_size)]
+    dist.all_gather(parts, wire, group=group.device_group)
+    parts = [p.view(rows.dtype) for p in parts]
     lat = torch.cat([parts[rt.layout.group_ranks(j)[0]][:, :d] for j in range(rt.layout.g)], dim=-1)
     return lat, rows[:, d:]
 
@@ -166,6 +170,12 @@ def _prefix_slots(backend, forward_batch, prefix_lens) -> torch.Tensor:
     return slots
 
 
+def _as_cached(x: torch.Tensor, pool) -> torch.Tensor:
+    """``x`` rounded as the pool stores it (an fp8 KV cache), so the new tokens of an extend attend
+    over the same values later steps read back."""
+    return x if pool.dtype == x.dtype else x.to(pool.dtype).to(x.dtype)
+
+
 def _exact_extend(self, q_pe, k_pe, q_lat, k_nope, forward_batch):
     """Exact absorbed MLA for an extend batch over the sliced pool; returns ``[T, H_loc, R]``."""
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
@@ -175,6 +185,7 @@ def _exact_extend(self, q_pe, k_pe, q_lat, k_nope, forward_batch):
     backend_pool = backend.token_to_kv_pool
     layer = self.attn_mqa
     backend_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), torch.cat([k_nope, k_pe], -1), None)
+    k_nope, k_pe = _as_cached(k_nope, backend_pool), _as_cached(k_pe, backend_pool)
     prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
     ext_lens = list(forward_batch.extend_seq_lens_cpu)
     if sum(prefix_lens):
@@ -206,6 +217,7 @@ def _tpla_extend(self, q_pe, k_pe, q_lat, k_slice, forward_batch):
     pool = backend.token_to_kv_pool
     layer = self.attn_mqa
     pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), torch.cat([k_slice, k_pe], -1), None)
+    k_slice, k_pe = _as_cached(k_slice, pool), _as_cached(k_pe, pool)
     d = k_slice.shape[-1]
     prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
     ext_lens = list(forward_batch.extend_seq_lens_cpu)

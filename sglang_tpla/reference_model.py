@@ -40,6 +40,9 @@ class AttentionMode:
     energy_fractions: Sequence[Sequence[float]] | None = None
     # per layer: g logit scales mu_j on the latent logit; None = no scaling
     mu: Sequence[Sequence[float]] | None = None
+    # storage dtype of the KV cache (e.g. torch.float8_e4m3fn): cached rows are rounded through
+    # it, scale 1, as SGLang's MLA pool stores them; None = rows kept in the compute dtype
+    kv_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if self.kind not in MODES:
@@ -186,6 +189,8 @@ class ReferenceDeepseek:
             ckv_new = normalize_latent(c, self.eps, "local", mode.g, p) * gamma
         else:
             ckv_new = normalize_latent(c, self.eps, "exact") * gamma
+        if mode.kv_dtype is not None:
+            ckv_new, k_pe = ckv_new.to(mode.kv_dtype).to(x.dtype), k_pe.to(mode.kv_dtype).to(x.dtype)
         start = layer_cache["ckv"].shape[0]
         layer_cache["ckv"] = torch.cat([layer_cache["ckv"], ckv_new])
         layer_cache["kpe"] = torch.cat([layer_cache["kpe"], k_pe])

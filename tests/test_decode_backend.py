@@ -292,3 +292,23 @@ def test_flashinfer_route_plans_from_host_arrays_and_replans_captured_wrappers_w
         assert qo_cpu.tolist() == [0, 1, 2, 3, 4] and indptr_cpu.tolist() == [0, 5, 8, 9, 10] and lens_cpu.tolist() == [5, 3, 1, 1]
         assert indptr_cpu.device.type == "cpu" and indices.data_ptr() == backend.graph.kv_indices.data_ptr()
         assert backend.forward_metadata.flashinfer.wrapper is w4
+
+
+def test_cuda_graph_decision_keeps_decode_graphs_and_turns_prefill_graphs_off(caplog):
+    import logging
+
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, default_cuda_graph_config, with_phase
+
+    from sglang_tpla.patches.attention_backend import _graph_phases
+
+    cfg = with_phase(with_phase(default_cuda_graph_config(), Phase.DECODE, backend=Backend.FULL), Phase.PREFILL, backend=Backend.BREAKABLE)
+    args = SimpleNamespace(decode_attention_backend="tpla", attention_backend=None, cuda_graph_config=cfg)
+    with caplog.at_level(logging.INFO, logger="sglang_tpla"):
+        _graph_phases(None, args)
+    (source, fields), = args._resolved_overrides
+    assert fields["cuda_graph_config"].decode.backend == Backend.FULL
+    assert fields["cuda_graph_config"].prefill.backend == Backend.DISABLED
+    assert "decode CUDA graphs: full" in caplog.text and "prefill CUDA graphs (breakable) disabled" in caplog.text
+    stock = SimpleNamespace(decode_attention_backend="flashinfer", attention_backend=None, cuda_graph_config=cfg)
+    _graph_phases(None, stock)
+    assert not hasattr(stock, "_resolved_overrides")  # TPLA off: SGLang's choice untouched
