@@ -93,12 +93,25 @@ def _prepare(orig, self, positions, hidden_states, forward_batch, zero_allocator
         k_slice = self.kv_a_layernorm(latent[..., :r])[..., lo:hi]
     else:  # norm 'local': this slice over its own RMS (x sqrt(g p_j), x the gain's slice)
         k_slice = _local_norm(self, latent[..., lo:hi], w)
-    q = F.linear(q, w.q_weight).view(-1, w.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim)
+    q = _project_q(self, q).view(-1, w.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim)
     q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
     k_pe = latent[..., r:].unsqueeze(1)
     q_lat = torch.bmm(q_nope.transpose(0, 1), w.w_kc).transpose(0, 1)  # [T, Hg, D]
     q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
     return (q_pe, k_pe, q_lat, k_slice.unsqueeze(1), forward_batch, zero_allocator, positions, None, None, None)
+
+
+def _project_q(self, q: torch.Tensor) -> torch.Tensor:
+    """``q_b_proj`` (``q_proj``) for the heads this rank attends with: ``[T, q_lora]`` -> ``[T, Hg * (nope + rope)]``."""
+    return F.linear(q, self.tpla.q_weight)
+
+
+def _project_o(self, o: torch.Tensor) -> torch.Tensor:
+    """This rank's latent-slice attention output ``[T, Hg, D]`` through its W_UV rows and its heads'
+    ``o_proj`` columns: its partial of the layer output (SGLang's all-reduce sums the ranks)."""
+    w = self.tpla
+    v = torch.bmm(o.transpose(0, 1), w.w_vc.to(o.dtype)).transpose(0, 1).flatten(1, 2)
+    return F.linear(v, w.o_weight.to(v.dtype))
 
 
 def _local_norm(self, cs: torch.Tensor, w) -> torch.Tensor:
@@ -118,13 +131,9 @@ def _core(orig, self, q_pe, k_pe, q_nope_out, k_nope, forward_batch, *args, **kw
         q = torch.cat([q_nope_out, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe], dim=-1)
         o = _tpla_attn(self)(q, k, k_nope, forward_batch, save_kv_cache=True)
-        o = o.view(-1, w.num_heads, w.latent_end - w.latent_start)
-        v = torch.bmm(o.transpose(0, 1), w.w_vc.to(o.dtype)).transpose(0, 1).flatten(1, 2)
-        return F.linear(v, w.o_weight.to(v.dtype))
+        return _project_o(self, o.view(-1, w.num_heads, w.latent_end - w.latent_start))
     if _tpla_step(self, forward_batch):  # extend with prefill='tpla'
-        o = _tpla_extend(self, q_pe, k_pe, q_nope_out, k_nope, forward_batch)
-        v = torch.bmm(o.transpose(0, 1), w.w_vc.to(o.dtype)).transpose(0, 1).flatten(1, 2)
-        return F.linear(v, w.o_weight.to(v.dtype))
+        return _project_o(self, _tpla_extend(self, q_pe, k_pe, q_nope_out, k_nope, forward_batch))
     if forward_batch.forward_mode.is_extend() and not forward_batch.forward_mode.is_target_verify():
         o = _exact_extend(self, q_pe, k_pe, q_nope_out, k_nope, forward_batch)
         v = torch.bmm(o.transpose(0, 1), self.w_vc.to(o.dtype)).transpose(0, 1).flatten(1, 2)
