@@ -148,15 +148,16 @@ def traffic(c: AttnCase, kv_elem: int = 2, q_elem: int = 2) -> dict:
 
 
 def roofline_fields(ms: float, nbytes: float, flops: float, spec=None, meas=None) -> dict:
-    """``roof_*`` = roofline time / measured time (1.0 = at the roofline); ``bound`` from the spec ridge."""
-    out = {}
+    """``roof_*`` = roofline time / measured time (1.0 = at the roofline); ``intensity`` FLOP/B;
+    ``bound``: which side of the datasheet ridge (the H200's when ``spec`` is unknown)."""
+    out = {"intensity": flops / nbytes}
+    ref_bw, ref_pk = spec or ROOFLINES["H200"]
+    out["bound"] = "compute" if flops / ref_pk > nbytes / ref_bw else "memory"
     t = ms * 1e-3
     if spec:
         bw, pk = spec
         floor = max(nbytes / bw, flops / pk)
-        out.update(roof_spec=floor / t if t > 0 else math.nan, bw_frac_spec=nbytes / t / bw if t > 0 else math.nan,
-                   bound="compute" if flops / pk > nbytes / bw else "memory",
-                   intensity=flops / nbytes)  # fmt: skip
+        out.update(roof_spec=floor / t if t > 0 else math.nan, bw_frac_spec=nbytes / t / bw if t > 0 else math.nan)
     if meas:
         bw, pk = meas
         out["roof_meas"] = max(nbytes / bw, flops / pk) / t if t > 0 else math.nan
@@ -174,6 +175,13 @@ def device_ceilings(device: torch.device):
 
 
 # --------------------------------------------------------------------------- GPU (Triton) path
+
+
+def _randn(shape, device, gen):
+    """``torch.randn``, or ``torch.empty`` on the meta device (its randn imports torch._dynamo: seconds)."""
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, device=device)
+    return torch.randn(shape, device=device, generator=gen)
 
 
 def _copies(bytes_per_copy: int, limit: int = MAX_COPIES) -> int:
@@ -214,10 +222,13 @@ class AttnProblem:
         self.q_lat, self.q_pe, self.indptr, self.indices = [], [], [], []
         indptr = torch.arange(0, batch * tokens + 1, tokens, dtype=torch.int32, device=device)
         for c in range(self.copies):
-            q = torch.randn(batch, heads, d + D_PE, device=device, generator=gen).to(q_dtype)
+            q = _randn((batch, heads, d + D_PE), device, gen).to(q_dtype)
             self.q_lat.append(q[..., :d])  # strided views of one q buffer, as SGLang passes them
             self.q_pe.append(q[..., d:])
             self.indptr.append(indptr)
+            if meta:  # (arithmetic on meta tensors imports torch._dynamo: seconds)
+                self.indices.append(torch.empty(batch * tokens, dtype=torch.int32, device=device))
+                continue
             perm = torch.randperm(batch * tokens, device=device, generator=gen)
             self.indices.append((perm + 1 + c * batch * tokens).to(torch.int32))
         self.dec = TritonTPLADecode(device, heads, d, sm_scale, q_dtype, kv_dtype, max_batch=batch, kv_scale=kv_scale,
@@ -237,8 +248,14 @@ def cudagraph_timer(rep_ms: float = 15.0):
     """Median ms of CUDA-graph replays (``triton.testing.do_bench_cudagraph``)."""
     from triton.testing import do_bench_cudagraph
 
+    import inspect
+
+    median = "return_mode" in inspect.signature(do_bench_cudagraph).parameters
+
     def timer(fn):
-        return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+        if median:
+            return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+        return float(do_bench_cudagraph(fn, rep=rep_ms))
 
     return timer
 
@@ -280,22 +297,26 @@ def _f(x, fmt):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def _x(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}x"
+
+
 def table(rows: list[dict]) -> str:
     """Markdown table, the MLA row of each (model, TP, batch, context) first."""
     order = {"mla": 0, "dcp": 1, "tpla": 2}
     rows = sorted((r for r in rows if "ms" in r), key=lambda r: (r["model"], r["tp"], r["batch"], r["context"],
                                                                   order[r["variant"]], r["par"]))  # fmt: skip
     out = [
-        "| model | TP | batch | context | variant | heads x D | tokens/rank | ms | GB/s | TFLOP/s | roof (spec) | "
+        "| model | TP | batch | context | variant | heads x D | tokens/rank | FLOP/B | ms | GB/s | TFLOP/s | roof (spec) | "
         "roof (achieved) | bound | speedup vs MLA |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['model']} | {r['tp']} | {r['batch']} | {_kctx(r['context'])} | {r['label']} | {r['heads']} x {r['d']} | "
-            f"{r['tokens']} | {_f(r['ms'], '.4f')} | {_f(r.get('GBps'), '.0f')} | {_f(r.get('TFLOPs'), '.1f')} | "
+            f"{r['tokens']} | {_f(r.get('intensity'), '.0f')} | {_f(r['ms'], '.4f')} | {_f(r.get('GBps'), '.0f')} | {_f(r.get('TFLOPs'), '.1f')} | "
             f"{_f(r.get('roof_spec'), '.2f')} | {_f(r.get('roof_meas'), '.2f')} | {r.get('bound', 'n/a')} | "
-            f"{_f(r.get('speedup_vs_mla'), '.2f')}x |"
+            f"{_x(r.get('speedup_vs_mla'))} |"
         )
     return "\n".join(out)
 
