@@ -51,6 +51,7 @@ from .kernels import (
     cudagraph_timer,
     device_ceilings,
     roofline_fields,
+    side_by_side,
     variants,
 )
 
@@ -227,6 +228,8 @@ def main(argv=None):
     add_speedups(rows)
     print(f"## One decode layer step per rank, {torch.cuda.get_device_name(device)}, bf16\n")
     print(table(rows))
+    print()
+    print(side_by_side(rows))
     if args.out:
         with open(args.out, "w") as f:
             for r in rows:

@@ -321,6 +321,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def side_by_side(rows: list[dict]) -> str:
+    """One line per (model, TP, batch, context): MLA ms, then each other variant's ms and its
+    speedup over MLA (``MLA ms / ms``)."""
+    order = {"mla": 0, "dcp": 1, "tpla": 2}
+    rows = [r for r in rows if "ms" in r]
+    labels = sorted({(order[r["variant"]], r["par"], r["label"]) for r in rows if r["variant"] != "mla"})
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["tp"], r["batch"], r["context"]), {})[r["label"]] = r
+    head = "| model | TP | batch | context | MLA ms | " + " | ".join(f"{lab} ms (speedup)" for _, _, lab in labels) + " |"
+    out = [head, "|---" * (5 + len(labels)) + "|"]
+    for (m, tp, b, ctx), g in sorted(groups.items()):
+        mla = g.get("MLA")
+        cells = []
+        for _, _, lab in labels:
+            r = g.get(lab)
+            cells.append("-" if r is None else f"{_f(r['ms'], '.4f')} ({_x(r.get('speedup_vs_mla'))})")
+        out.append(f"| {m} | {tp} | {b} | {_kctx(ctx)} | {_f(mla['ms'], '.4f') if mla else '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------- CPU (PyTorch) smoke path
 
 
@@ -353,7 +374,8 @@ def run_attention_case_cpu(c: AttnCase, repeat: int, gen: torch.Generator) -> di
     ms = _time_host(lambda: _torch_attention(rows, q, indptr, indices, c.d, scale), repeat)
     tr = traffic(c, kv_elem=4, q_elem=4)
     return {"name": c.name, **asdict(c), "label": c.label, "impl": "torch-cpu", **tr, "ms": ms,
-            "GBps": tr["bytes"] / (ms * 1e-3) / 1e9, "TFLOPs": tr["flops"] / (ms * 1e-3) / 1e12}  # fmt: skip
+            "GBps": tr["bytes"] / (ms * 1e-3) / 1e9, "TFLOPs": tr["flops"] / (ms * 1e-3) / 1e12,
+            **roofline_fields(ms, tr["bytes"], tr["flops"])}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- CLI
@@ -401,6 +423,8 @@ def main(argv=None):
     add_speedups(rows)
     print(f"## Per-rank decode attention, one layer, {where}\n")
     print(table(rows))
+    print()
+    print(side_by_side(rows))
     if args.out:
         with open(args.out, "w") as f:
             for r in rows:

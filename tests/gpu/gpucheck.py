@@ -569,12 +569,16 @@ def report(args) -> int:
     kernels.add_speedups(br)
     L.append("## Per-rank decode attention (one layer, query length 1, bf16)\n")
     L.append(kernels.table(br) if br else "(no rows)")
+    L.append("\nSide by side (ms, and MLA ms / ms in parentheses):\n")
+    L.append(kernels.side_by_side(br) if br else "(no rows)")
     L.append("")
     lr = [r for r in recs if r["section"] == "layer" and "ms" in r]
     kernels.add_speedups(lr)
     attn_ms = {(r["model"], r["tp"], r["variant"], r["par"], r["batch"], r["context"]): r["ms"] for r in br}
     L.append("## One decode layer step per rank (q_b_proj .. o_proj, bf16; all-reduce not measured)\n")
     L.append(decode_layer.table(lr, attn_ms) if lr else "(no rows)")
+    L.append("\nSide by side (layer ms, and MLA ms / ms in parentheses):\n")
+    L.append(kernels.side_by_side(lr) if lr else "(no rows)")
     L.append("")
 
     wsum = [w for w in workers]
