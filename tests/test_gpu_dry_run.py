@@ -34,7 +34,7 @@ def test_gpu_check_dry_run(tmp_path):
         assert by_section.get(s), s
     real = [x for x in by_section["numerics"] + by_section["graph"] if x["status"] == "ok"]
     assert {x["name"] for x in real} >= {"bf16_d64_h16", "fp16_d256_h16_1split_lse", "fp8kv_d64_h16",
-                                         "graph_tpla_d64_h16_bf16_small"}  # fmt: skip
+                                         "graph_tpla_d64_h16_bf16_small", "graph_tpla_d64_h16_fp8kv_small"}  # fmt: skip
     assert all(x["err_over_tol"] <= 1 for x in real if "err_over_tol" in x)
     # benchmark shapes were built at full size (meta device): MLA/DCP/TPLA rows for both models at TP 2 and 8
     bench = {(x["model"], x["tp"], x["variant"], x["par"]) for x in by_section["bench"]}

@@ -94,10 +94,12 @@ GRAPH_CASES = [
     dict(name="graph_tpla_d256_h128_bf16", d=256, heads=128, kv="bf16", capture_bs=8, live=5, mu=0.9),
     # stock MLA at DeepSeek-V3 TP=8 (16 heads x 512)
     dict(name="graph_mla_d512_h16_bf16", d=512, heads=16, kv="bf16", capture_bs=16, live=3, mu=None),
-    # Kimi-K2 TP=8 g=4 (32 heads, D=128) with an fp8 KV cache
+    # Kimi-K2 TP=8 g=4 (32 heads, D=128) with an fp8 KV cache, passed as SGLang stores it (uint8)
     dict(name="graph_tpla_d128_h32_fp8kv", d=128, heads=32, kv="fp8", capture_bs=4, live=1, mu=1.1, kv_scale=0.05),
     # tiny: runs for real under the interpreter in the dry run
     dict(name="graph_tpla_d64_h16_bf16_small", d=64, heads=16, kv="bf16", capture_bs=3, live=2, mu=None, dry_real=True),
+    dict(name="graph_tpla_d64_h16_fp8kv_small", d=64, heads=16, kv="fp8", capture_bs=2, live=1, mu=0.7, kv_scale=0.05,
+         dry_real=True),
 ]
 for _g in GRAPH_CASES:
     _g.update(section="graph", affinity=f"graph-{_g['kv']}-{_g['d']}", cost=3.0)
@@ -284,6 +286,8 @@ def run_graph(case: dict, ctx) -> dict:
     # (dry run: 12 "SMs" keep the interpreted case at a few splits; the interpreter runs programs serially)
     splits = dec.splits_for(bs)
     rows = torch.empty(slots, 1, d + D_PE, dtype=DTYPES[kv], device=dev)
+    # what the runner is handed: SGLang stores an fp8 pool as uint8 (its store_dtype); run() views it
+    pool = rows.view(torch.uint8) if kv == "fp8" else rows
     qbuf = torch.empty(bs, h, d + D_PE, dtype=qdt, device=dev)
     q_lat, q_pe = qbuf[..., :d], qbuf[..., d:]
     indptr = torch.zeros(bs + 1, dtype=torch.int32, device=dev)
@@ -307,7 +311,7 @@ def run_graph(case: dict, ctx) -> dict:
     def eager():
         o = torch.full((bs, h, d), math.nan, dtype=qdt, device=dev)
         with ctx.launch_mode(real):
-            r = dec.run(q_lat, q_pe, rows, indptr, indices, out=o)
+            r = dec.run(q_lat, q_pe, pool, indptr, indices, out=o)
         return r
 
     rng = torch.Generator().manual_seed(1)  # host-side lengths
@@ -320,12 +324,12 @@ def run_graph(case: dict, ctx) -> dict:
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             with ctx.launch_mode(real):
-                dec.run(q_lat, q_pe, rows, indptr, indices)
+                dec.run(q_lat, q_pe, pool, indptr, indices)
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            graph_out = dec.run(q_lat, q_pe, rows, indptr, indices)
+            graph_out = dec.run(q_lat, q_pe, pool, indptr, indices)
 
         def replay():
             g.replay()
@@ -335,11 +339,11 @@ def run_graph(case: dict, ctx) -> dict:
         captured = True
     else:  # dry run: no CUDA graph on the CPU; the "replay" is an eager call on the same buffers
         with ctx.launch_mode(real):
-            dec.run(q_lat, q_pe, rows, indptr, indices)
+            dec.run(q_lat, q_pe, pool, indptr, indices)
 
         def replay():
             with ctx.launch_mode(real):
-                return dec.run(q_lat, q_pe, rows, indptr, indices).clone()
+                return dec.run(q_lat, q_pe, pool, indptr, indices).clone()
 
         captured = False
 
