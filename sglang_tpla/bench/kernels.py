@@ -277,6 +277,8 @@ def run_attention_case(c: AttnCase, device, timer, *, warm: bool = False, spec=N
         return rec
     kv_elem = torch.empty(0, dtype=kv_dtype).element_size()
     tr = traffic(c, kv_elem=kv_elem)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()  # the pool fill is done before the timer's side stream reads it
     ms = timer(prob.call)
     rec.update(tr, ms=ms, GBps=tr["bytes"] / (ms * 1e-3) / 1e9, TFLOPs=tr["flops"] / (ms * 1e-3) / 1e12)
     rec.update(roofline_fields(ms, tr["bytes"], tr["flops"], spec, meas))

@@ -244,6 +244,9 @@ class Ctx:
         if not dry and not cuda:
             raise SystemExit("no CUDA device: run with --dry-run on a CPU machine")
         self.device = torch.device("cuda" if cuda else "cpu")
+        # the fp32 reference must be fp32 (no TF32 in its einsums)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         self.big_device = self.device if cuda else torch.device("meta")  # benchmark shapes, full size
         self.dry_launch = None
         if dry:
