@@ -12,10 +12,11 @@ Hooks (SGLang 0.5.23), all gated on ``self.tpla`` (set by :mod:`.weights` when T
   of its group (its rows of ``q_b_proj``) absorbed with its latent columns of W_UK.
 * AROUND ``DeepseekMLAForwardMixin.forward_absorb_core``: decode attends over the rank's
   slice with its own softmax (the ``tpla`` backend), applies its rows of W_UV and its heads'
-  o_proj; SGLang's usual all-reduce sums the ranks.  Extend stays exact MLA: the cached
-  prefix latent is recovered across the latent groups with one all-gather per layer and
-  attention runs over the full 512-wide latent (so prefill with radix-cache hits and
-  chunked prefill is exactly what stock MLA computes).
+  o_proj; SGLang's usual all-reduce sums the ranks.  Extend batches (prefix hits, chunked
+  prefill; every extend with ``prefill: tpla``) run :func:`_extend`: batched over the requests,
+  tiled with an online softmax so memory does not grow with the prefix; exact MLA recovers
+  each key chunk's full latent across the latent groups with one all-gather, so prefill with
+  radix-cache hits and chunked prefill is what stock MLA computes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sglang_tpla.reference import latent_attention
 
 _MLA_CLS = "sglang.srt.models.deepseek_v2.DeepseekV2AttentionMLA"
 _MIXIN = "sglang.srt.models.deepseek_common.attention_forward_methods.forward_mla.DeepseekMLAForwardMixin"
@@ -133,22 +133,20 @@ def _core(orig, self, q_pe, k_pe, q_nope_out, k_nope, forward_batch, *args, **kw
         o = _tpla_attn(self)(q, k, k_nope, forward_batch, save_kv_cache=True)
         return _project_o(self, o.view(-1, w.num_heads, w.latent_end - w.latent_start))
     if _tpla_step(self, forward_batch):  # extend with prefill='tpla'
-        return _project_o(self, _tpla_extend(self, q_pe, k_pe, q_nope_out, k_nope, forward_batch))
+        return _project_o(self, _extend(self, q_pe, k_pe, q_nope_out, k_nope, forward_batch, exact=False))
     if forward_batch.forward_mode.is_extend() and not forward_batch.forward_mode.is_target_verify():
-        o = _exact_extend(self, q_pe, k_pe, q_nope_out, k_nope, forward_batch)
+        o = _extend(self, q_pe, k_pe, q_nope_out, k_nope, forward_batch, exact=True)
         v = torch.bmm(o.transpose(0, 1), self.w_vc.to(o.dtype)).transpose(0, 1).flatten(1, 2)
         return self.o_proj(v)[0]
     raise RuntimeError(f"TPLA: forward mode {forward_batch.forward_mode} is not supported (speculative decoding is not)")
 
 
-def _gather_prefix(pool, layer_id, slots, rt):
-    """Full ``[P, R]`` latent and ``[P, rope]`` key of cached tokens, across the latent groups."""
-    rows = pool.get_key_buffer(layer_id)[slots].reshape(len(slots), -1)  # [P, D + rope]
-    d = rt.layout.slice_width
-    if rt.layout.g == 1:
-        return rows[:, :d], rows[:, d:]
+def _gather_latent(rows: torch.Tensor, rt) -> torch.Tensor:
+    """``[n, D + rope]`` rows of this rank's slice -> the full ``[n, R]`` latent, across the latent groups
+    (one all-gather over the attention TP group)."""
     from sglang.srt.distributed.parallel_state import get_attn_tp_group
 
+    d = rt.layout.slice_width
     group = get_attn_tp_group()
     wire = rows.contiguous()
     if wire.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # fp8 KV cache: collectives move bytes
@@ -156,95 +154,61 @@ def _gather_prefix(pool, layer_id, slots, rt):
     parts = [torch.empty_like(wire) for _ in range(group.world_size)]
     dist.all_gather(parts, wire, group=group.device_group)
     parts = [p.view(rows.dtype) for p in parts]
-    lat = torch.cat([parts[rt.layout.group_ranks(j)[0]][:, :d] for j in range(rt.layout.g)], dim=-1)
-    return lat, rows[:, d:]
+    return torch.cat([parts[rt.layout.group_ranks(j)[0]][:, :d] for j in range(rt.layout.g)], dim=-1)
 
 
-def _prefix_slots(backend, forward_batch, prefix_lens) -> torch.Tensor:
-    """The cached-prefix token slots of the whole batch (request after request), computed once per
-    forward (not per layer) with the decode path's vectorized gather; ``prefix_lens`` is SGLang's
-    host list, so no device value is read on the host."""
-    slots = getattr(forward_batch, "_tpla_prefix_slots", None)
-    if slots is None:
+def _extend_keys(backend, forward_batch, num_heads: int):
+    """The batch's key slots (each request's cached prefix, then its new tokens) and the extend tiling,
+    computed once per forward (not per layer) from SGLang's host lengths: no device value is read on
+    the host."""
+    cached = getattr(forward_batch, "_tpla_extend_keys", None)
+    if cached is None:
+        from sglang_tpla.kernels.torch_extend import plan_extend
         from sglang_tpla.metadata import gather_kv_indices
 
-        r2t = backend.req_to_token_pool.req_to_token
+        prefix_lens = [int(p) for p in forward_batch.extend_prefix_lens_cpu]
+        ext_lens = [int(n) for n in forward_batch.extend_seq_lens_cpu]
+        kv_lens = [p + n for p, n in zip(prefix_lens, ext_lens)]
         dev = forward_batch.req_pool_indices.device
-        lens = torch.tensor(prefix_lens, dtype=torch.int32).to(dev)
-        indptr = torch.zeros(len(prefix_lens) + 1, dtype=torch.int32, device=dev)
+        lens = torch.tensor(kv_lens, dtype=torch.int32).to(dev)
+        indptr = torch.zeros(len(kv_lens) + 1, dtype=torch.int32, device=dev)
         torch.cumsum(lens, 0, dtype=torch.int32, out=indptr[1:])
-        slots = torch.empty(sum(prefix_lens), dtype=torch.long, device=dev)
-        gather_kv_indices(r2t, forward_batch.req_pool_indices, lens, indptr, slots, slots.numel())
-        forward_batch._tpla_prefix_slots = slots
-    return slots
+        slots = torch.empty(sum(kv_lens), dtype=torch.long, device=dev)
+        gather_kv_indices(backend.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, lens, indptr, slots, slots.numel())
+        cached = forward_batch._tpla_extend_keys = (slots, plan_extend(prefix_lens, ext_lens, dev, num_heads))
+    return cached
 
 
-def _as_cached(x: torch.Tensor, pool) -> torch.Tensor:
-    """``x`` rounded as the pool stores it (an fp8 KV cache), so the new tokens of an extend attend
-    over the same values later steps read back."""
-    return x if pool.dtype == x.dtype else x.to(pool.dtype).to(x.dtype)
+def _extend(self, q_pe, k_pe, q_lat, k_new, forward_batch, exact: bool):
+    """Attention of an extend batch over the latent-split pool, every request over its cached prefix
+    and its new tokens (causal), batched and tiled with bounded memory
+    (:func:`sglang_tpla.kernels.torch_extend.extend_attention`).  The new rows are written first and
+    every key is read back from the pool, so the extend sees what later steps read (fp8 rounding
+    included).
 
-
-def _exact_extend(self, q_pe, k_pe, q_lat, k_nope, forward_batch):
-    """Exact absorbed MLA for an extend batch over the sliced pool; returns ``[T, H_loc, R]``."""
+    * ``exact`` (pd-sep): exact absorbed MLA, ``q_lat [T, H_loc, R]``; each key chunk's full latent is
+      recovered across the latent groups with one all-gather.  Returns ``[T, H_loc, R]``.
+    * otherwise (``prefill: tpla``): this rank's heads over its own slice, own softmax, no collective,
+      exactly like a decode step.  Returns ``[T, Hg, D]``.
+    """
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
     from sglang.srt.model_executor.forward_context import get_attn_backend
 
-    backend = get_attn_backend()
-    backend_pool = backend.token_to_kv_pool
-    layer = self.attn_mqa
-    backend_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), torch.cat([k_nope, k_pe], -1), None)
-    k_nope, k_pe = _as_cached(k_nope, backend_pool), _as_cached(k_pe, backend_pool)
-    prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
-    ext_lens = list(forward_batch.extend_seq_lens_cpu)
-    if sum(prefix_lens):
-        pre_lat, pre_pe = _gather_prefix(
-            backend_pool, layer.layer_id, _prefix_slots(backend, forward_batch, prefix_lens), self.tpla.runtime
-        )
-    out = torch.empty_like(q_lat)
-    start_q = start_p = 0
-    for p, n in zip(prefix_lens, ext_lens):
-        ckv, kpe = k_nope[start_q : start_q + n, 0].float(), k_pe[start_q : start_q + n, 0].float()
-        if p:
-            ckv = torch.cat([pre_lat[start_p : start_p + p].float(), ckv])
-            kpe = torch.cat([pre_pe[start_p : start_p + p].float(), kpe])
-        ql, qp = q_lat[start_q : start_q + n].float(), q_pe[start_q : start_q + n].float()
-        out[start_q : start_q + n] = latent_attention(ql, qp, ckv, kpe, layer.scaling, causal_offset=p).to(out.dtype)
-        start_q += n
-        start_p += p
-    return out
-
-
-def _tpla_extend(self, q_pe, k_pe, q_lat, k_slice, forward_batch):
-    """Plain TPLA for an extend batch (``prefill='tpla'``): every token attends, causally, over
-    this rank's latent slice (cached prefix + new tokens) with its own softmax, exactly like a
-    decode step; returns ``[T, Hg, D]``.  Only the rank's own slice is read (no all-gather)."""
-    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
-    from sglang.srt.model_executor.forward_context import get_attn_backend
+    from sglang_tpla.kernels.torch_extend import extend_attention
 
     backend = get_attn_backend()
-    pool = backend.token_to_kv_pool
-    layer = self.attn_mqa
-    pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), torch.cat([k_slice, k_pe], -1), None)
-    k_slice, k_pe = _as_cached(k_slice, pool), _as_cached(k_pe, pool)
-    d = k_slice.shape[-1]
-    prefix_lens = list(forward_batch.extend_prefix_lens_cpu)
-    ext_lens = list(forward_batch.extend_seq_lens_cpu)
-    if sum(prefix_lens):
-        slots = _prefix_slots(backend, forward_batch, prefix_lens)
-        pre = pool.get_key_buffer(layer.layer_id)[slots].reshape(len(slots), -1)  # [P, D + rope], own slice
-    out = torch.empty_like(q_lat)
-    start_q = start_p = 0
-    for p, n in zip(prefix_lens, ext_lens):
-        ckv, kpe = k_slice[start_q : start_q + n, 0].float(), k_pe[start_q : start_q + n, 0].float()
-        if p:
-            ckv = torch.cat([pre[start_p : start_p + p, :d].float(), ckv])
-            kpe = torch.cat([pre[start_p : start_p + p, d:].float(), kpe])
-        ql, qp = q_lat[start_q : start_q + n].float(), q_pe[start_q : start_q + n].float()
-        out[start_q : start_q + n] = latent_attention(ql, qp, ckv, kpe, layer.scaling, causal_offset=p).to(out.dtype)
-        start_q += n
-        start_p += p
-    return out
+    pool, layer, rt = backend.token_to_kv_pool, self.attn_mqa, self.tpla.runtime
+    pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), torch.cat([k_new, k_pe], -1), None)
+    slots, plan = _extend_keys(backend, forward_batch, q_lat.shape[1])
+    buf = pool.get_key_buffer(layer.layer_id)
+    d = rt.layout.slice_width
+    gather = exact and rt.layout.g > 1
+
+    def rows(k0: int, k1: int):
+        r = buf[slots[k0:k1]].reshape(k1 - k0, -1)  # [n, D + rope], this rank's slice
+        return (_gather_latent(r, rt) if gather else r[:, :d]), r[:, d:]
+
+    return extend_attention(q_lat, q_pe, rows, plan, layer.scaling)
 
 
 def install() -> None:

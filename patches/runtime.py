@@ -104,7 +104,7 @@ def runtime_for(hf_config) -> TPLARuntime | None:
         args = get_server_args()
         check_server_compat(
             getattr(args, "attn_dp_size", 1), getattr(args, "dcp_size", 1), getattr(args, "pp_size", 1),
-            getattr(args, "speculative_algorithm", None),
+            getattr(args, "speculative_algorithm", None), bool(getattr(args, "enable_mixed_chunk", False)),
         )
         mode = _disagg_mode()
         backend = str(getattr(args, "disaggregation_transfer_backend", "mooncake"))

@@ -155,9 +155,13 @@ def validate_for_model(cfg: TPLAConfig, hf_config, attn_tp_size: int) -> TPLALay
     return TPLALayout(attn_tp_size, g, hf_config.num_attention_heads, kv_lora_rank, hf_config.qk_rope_head_dim)
 
 
-def check_server_compat(attn_dp_size: int = 1, dcp_size: int = 1, pp_size: int = 1, speculative_algorithm=None) -> None:
+def check_server_compat(
+    attn_dp_size: int = 1, dcp_size: int = 1, pp_size: int = 1, speculative_algorithm=None, enable_mixed_chunk: bool = False
+) -> None:
     """Refuse SGLang features the TPLA decode path does not support (fail closed at start)."""
     problems = []
+    if enable_mixed_chunk:  # decode tokens inside an extend batch would run exact MLA, not TPLA
+        problems.append("mixed chunks (--enable-mixed-chunk: their decode tokens would attend as prefill)")
     if (attn_dp_size or 1) > 1:
         problems.append(f"DP attention (--attn-dp-size {attn_dp_size})")
     if (dcp_size or 1) > 1:

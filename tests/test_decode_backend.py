@@ -240,9 +240,8 @@ def test_extend_hooks_run_on_the_inputs_device(which, monkeypatch):
         extend_prefix_lens_cpu=[3, 0], extend_seq_lens_cpu=[2, 3], out_cache_loc=torch.zeros(n, dtype=torch.int64, device="meta"),
     )  # fmt: skip
     m = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
-    fn = da._exact_extend if which == "exact" else da._tpla_extend
     with ctx:
-        out = fn(attn, m(n, HEADS, D_PE), m(n, 1, D_PE), m(n, HEADS, d), m(n, 1, d), fb)
+        out = da._extend(attn, m(n, HEADS, D_PE), m(n, 1, D_PE), m(n, HEADS, d), m(n, 1, d), fb, exact=which == "exact")
     assert out.device.type == "meta" and tuple(out.shape) == (n, HEADS, d)
 
 

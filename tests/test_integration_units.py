@@ -46,6 +46,7 @@ def test_unsupported_sglang_features_are_refused():
         (dict(dcp_size=4), "--dcp-size 4"),
         (dict(pp_size=2), "--pp-size 2"),
         (dict(speculative_algorithm="EAGLE"), "speculative decoding"),
+        (dict(enable_mixed_chunk=True), "--enable-mixed-chunk"),
     ):
         with pytest.raises(TPLAConfigError, match="does not support") as e:
             check_server_compat(**kwargs)

@@ -31,6 +31,7 @@ def test_bad_settings_refused_at_start(tmp_path_factory):
         "pca-missing": (model, 1, ["--json-model-override-args", '{"tpla": {"transform": "pca", "calibration": "/nonexistent/t.pt"}}'],
                         "calibration file '/nonexistent/t.pt' does not exist"),
         "non-mla": (llama, 1, [], "TPLA needs an MLA model"),
+        "mixed-chunk": (model, 1, ["--enable-mixed-chunk"], "mixed chunks (--enable-mixed-chunk"),
     }
     servers = {
         name: ServerProcess(path, tp=tp, env=BUDGET, args=FP32 + TPLA + extra, log_path=logs / f"{name}.log", name=name).start()
