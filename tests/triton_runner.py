@@ -5,8 +5,9 @@ test module in one process, where sglang (hence triton) may already be imported.
 spawn this script:
 
 * ``python tests/triton_runner.py interpret`` (with ``TRITON_INTERPRET=1``): reads a JSON list of
-  decode cases on stdin, runs ``sglang_tpla.kernels.tpla_decode`` under the interpreter and the fp32
-  reference (``sglang_tpla.reference.latent_attention`` per request), prints one JSON line of results.
+  decode cases on stdin, runs ``sglang_tpla.kernels.tpla_decode`` (or, for ``kind: runner`` cases,
+  ``sglang_tpla.kernels.triton_decode.TritonTPLADecode``) under the interpreter and the fp32 reference
+  (``sglang_tpla.reference.latent_attention`` per request), prints one JSON line of results.
 * ``python tests/triton_runner.py aot`` (without ``TRITON_INTERPRET``): reads a JSON list of compile
   jobs, AOT-compiles them for sm_90 (``GPUTarget("cuda", 90, 32)``, no GPU needed), prints one JSON
   line with shared memory, wgmma use and ptxas register/spill counts per job.
@@ -81,14 +82,19 @@ def spawn(mode: str, jobs: list, timeout: float = 600.0, workers: int = 1) -> di
 def _dtype(name):
     import torch
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[name]
 
 
 # --------------------------------------------------------------------------- interpreter cases
 
 
 def build_problem(case):
-    """Queries and a paged latent cache (random page placement) in SGLang's addressing."""
+    """Queries, a paged latent cache (random page placement) in SGLang's addressing, and the row
+    buffer behind it (``None`` for the separate-buffer layout).
+
+    ``case["kv"] == "fp8"`` stores the cache as ``float8_e4m3fn`` values of ``x / kv_scale``; the
+    ``pool_u8`` layout stores those bytes as SGLang's fp8 pool does (``uint8``).  The returned
+    cache holds the stored (fp8) tensors; :func:`reference_decode` dequantises them."""
     import torch
 
     from sglang_tpla.reference import PagedLatentCache
@@ -96,6 +102,8 @@ def build_problem(case):
     gen = torch.Generator().manual_seed(case.get("seed", 0))
     d, h, lens, ps = case["d"], case["h"], list(case["lens"]), case.get("page_size", 1)
     dt = _dtype(case["dtype"])
+    kv_dt = _dtype(case.get("kv", case["dtype"]))
+    kv_scale = case.get("kv_scale", 1.0)
     b = len(lens)
     pages = [math.ceil(n / ps) for n in lens]
     total_pages = sum(pages) + 3
@@ -108,21 +116,31 @@ def build_problem(case):
         for pos in range(n):
             req_to_token[req_pool[i], pos] = int(order[nxt + pos // ps]) * ps + pos % ps
         nxt += pages[i]
-    if case.get("layout", "rowbuf") == "rowbuf":  # two column views of one [slots, D + 64] buffer
-        buf = torch.randn(slots, d + 64, generator=gen).to(dt)
+
+    def stored(*shape):
+        return (torch.randn(*shape, generator=gen) / kv_scale).to(kv_dt)
+
+    layout = case.get("layout", "rowbuf")
+    rows = None
+    if layout == "rowbuf":  # two column views of one [slots, D + 64] buffer
+        buf = stored(slots, d + 64)
         ckv, kpe = buf[:, :d], buf[:, d:]
+    elif layout in ("pool", "pool_u8"):  # SGLang's MLA pool buffer [slots, 1, D + 64]
+        buf = stored(slots, 1, d + 64)
+        ckv, kpe = buf[:, 0, :d], buf[:, 0, d:]
+        rows = buf.view(torch.uint8) if layout == "pool_u8" else buf
     else:  # separate buffers, kpe a view with a different row stride
-        ckv = torch.randn(slots, d, generator=gen).to(dt)
-        kbuf = torch.randn(slots, 96, generator=gen).to(dt)
-        kpe = kbuf[:, 16:80]
+        ckv = stored(slots, d)
+        kpe = stored(slots, 96)[:, 16:80]
     cache = PagedLatentCache(ckv, kpe, req_to_token, req_pool, torch.tensor(lens))
     q_lat = torch.randn(b, h, d, generator=gen).to(dt)
     q_pe = torch.randn(b, h, 64, generator=gen).to(dt)
-    return q_lat, q_pe, cache
+    return q_lat, q_pe, cache, rows
 
 
-def reference_decode(q_lat, q_pe, ckv, kpe, kv_indptr, kv_indices, sm_scale, mu):
-    """fp32 reference per request over kv_indptr / kv_indices: output [B, H, D] and natural LSE [B, H]."""
+def reference_decode(q_lat, q_pe, ckv, kpe, kv_indptr, kv_indices, sm_scale, mu, kv_scale=1.0):
+    """fp32 reference per request over kv_indptr / kv_indices on the dequantised cache
+    (``stored * kv_scale``): output [B, H, D] and natural LSE [B, H]."""
     import torch
 
     from sglang_tpla.reference import latent_attention
@@ -132,7 +150,7 @@ def reference_decode(q_lat, q_pe, ckv, kpe, kv_indptr, kv_indices, sm_scale, mu)
     lse = torch.full((b, h), float("-inf"))
     for i in range(b):
         idx = kv_indices[int(kv_indptr[i]) : int(kv_indptr[i + 1])].long()
-        c, k = ckv[idx].float(), kpe[idx].float()
+        c, k = ckv[idx].float() * kv_scale, kpe[idx].float() * kv_scale
         ql, qp = q_lat[i : i + 1].float(), q_pe[i : i + 1].float()
         out[i] = latent_attention(ql, qp, c, k, sm_scale, mu)[0]
         if idx.numel():
@@ -141,47 +159,55 @@ def reference_decode(q_lat, q_pe, ckv, kpe, kv_indptr, kv_indices, sm_scale, mu)
     return out, lse
 
 
+def _errors(res, ref, case):
+    err = (res.float() - ref).abs()
+    return err.max().item() if err.numel() else 0.0, int((err > case["atol"] + case["rtol"] * ref.abs()).sum())
+
+
 def run_case(case):
     import torch
 
     from sglang_tpla.kernels import tpla_decode as K
 
-    q_lat, q_pe, cache = build_problem(case)
+    if case.get("kind") == "runner":
+        return run_runner_case(case)
+    q_lat, q_pe, cache, _ = build_problem(case)
     kv_indptr, kv_indices = cache.kv_indptr_indices()
     sm_scale = case.get("scale_mult", 1.0) / math.sqrt(192)
-    mu = case.get("mu")
+    mu, kv_scale = case.get("mu"), case.get("kv_scale")
     cfg = K.TPLADecodeConfig(*case["config"]) if case.get("config") else None
     b, h, d = q_lat.shape
-    out = sentinel = None
+    out = sentinel = workspace = None
     if case.get("out") == "view_fp32":  # out is a head-slice of a bigger fp32 tensor full of sentinels
         sentinel = torch.full((b, h + 5, d), 123.0)
         out = sentinel[:, 2 : h + 2]
+    if case.get("workspace"):  # a caller-owned workspace, larger than needed
+        s = case["splits"] + 2
+        workspace = (torch.full((b + 1, h, s, d), float("nan")), torch.full((b + 1, h, s), float("nan")))
     want_lse = case.get("lse", True)
     t0 = time.time()
     res = K.tpla_decode_attention(
         q_lat, q_pe, cache.ckv, cache.kpe, kv_indptr, kv_indices, sm_scale, mu,
-        num_kv_splits=case.get("splits"), out=out, max_seq_len=case.get("max_seq_len"), config=cfg,
-        dot_fp32=case.get("dot_fp32"), return_lse=want_lse,
+        num_kv_splits=case.get("splits"), out=out, kv_scale=kv_scale, max_seq_len=case.get("max_seq_len"),
+        config=cfg, dot_fp32=case.get("dot_fp32"), return_lse=want_lse, workspace=workspace,
     )  # fmt: skip
     seconds = time.time() - t0
-    ref, ref_lse = reference_decode(q_lat, q_pe, cache.ckv, cache.kpe, kv_indptr, kv_indices, sm_scale, mu)
+    ref, ref_lse = reference_decode(q_lat, q_pe, cache.ckv, cache.kpe, kv_indptr, kv_indices, sm_scale, mu, kv_scale or 1.0)
     if want_lse:
         res, lse = res
     else:
         lse = ref_lse  # not asked for: the LSE checks below pass trivially
-    err = (res.float() - ref).abs()
-    atol, rtol = case["atol"], case["rtol"]
+    max_err, n_bad = _errors(res, ref, case)
     finite = torch.isfinite(ref_lse)
-    lens = case["lens"]
-    empty = torch.tensor([n == 0 for n in lens])
-    used_cfg = cfg or K.choose_config(d, h, q_lat.dtype)
+    empty = torch.tensor([n == 0 for n in case["lens"]])
+    used_cfg = cfg or K.choose_config(d, h, q_lat.dtype, cache.ckv.dtype)
     return {
         "name": case["name"],
         "seconds": round(seconds, 3),
         "out_dtype": str(res.dtype),
         "expected_out_dtype": str(torch.float32 if out is not None else q_lat.dtype),
-        "max_abs_err": err.max().item() if err.numel() else 0.0,
-        "n_bad": int((err > atol + rtol * ref.abs()).sum()),
+        "max_abs_err": max_err,
+        "n_bad": n_bad,
         "lse_max_err": (lse[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0,
         "lse_empty_ok": bool(torch.isneginf(lse[empty]).all()) and bool(torch.isfinite(lse[~empty]).all()),
         "empty_zero": bool((res[empty] == 0).all()),
@@ -191,6 +217,43 @@ def run_case(case):
         "out_is_given": None if out is None else res.data_ptr() == out.data_ptr(),
         "block_h": used_cfg.block_h,
         "head_blocks": -(-h // used_cfg.block_h),
+    }
+
+
+def run_runner_case(case):
+    """``TritonTPLADecode`` on SGLang's pool layout: the first ``first_batch`` requests, then all of
+    them (a different batch size and split count), each against the fp32 reference."""
+    import torch
+
+    from sglang_tpla.kernels.triton_decode import TritonTPLADecode
+
+    q_lat, q_pe, cache, rows = build_problem(case)
+    kv_indptr, kv_indices = cache.kv_indptr_indices()
+    sm_scale = 1 / math.sqrt(192)
+    mu, kv_scale = case.get("mu"), case.get("kv_scale", 1.0)
+    b, h, d = q_lat.shape
+    runner = TritonTPLADecode(
+        torch.device("cpu"), h, d, sm_scale, q_lat.dtype, cache.ckv.dtype, max_batch=case["max_batch"],
+        kv_scale=kv_scale, mu=mu, num_sms=case["num_sms"],
+    )  # fmt: skip
+    buffers = (runner._out, runner._partial_out, runner._partial_lse)
+    ptrs = [t.data_ptr() for t in buffers]
+    calls = []
+    t0 = time.time()
+    for n in (case["first_batch"], b):
+        res = runner.run(q_lat[:n], q_pe[:n], rows, kv_indptr[: n + 1], kv_indices)
+        ref, _ = reference_decode(
+            q_lat[:n], q_pe[:n], cache.ckv, cache.kpe, kv_indptr[: n + 1], kv_indices, sm_scale, mu, kv_scale
+        )
+        max_err, n_bad = _errors(res, ref, case)
+        calls.append(dict(batch=n, splits=runner.splits_for(n), out_ptr=res.data_ptr(), max_abs_err=max_err, n_bad=n_bad))
+    return {
+        "name": case["name"],
+        "seconds": round(time.time() - t0, 3),
+        "calls": calls,
+        "out_buffer_ptr": ptrs[0],
+        "buffers_kept": [t.data_ptr() for t in buffers] == ptrs,
+        "rows_dtype": str(rows.dtype),
     }
 
 
@@ -233,7 +296,9 @@ def run_aot(job):
     t0 = time.time()
     if job["stage"] == 1:
         cfg = K.TPLADecodeConfig(*job["config"])
-        src = K.stage1_aot_source(job["d"], _dtype(job["dtype"]), cfg, out_dtype=_dtype(job.get("out", "fp32")))
+        src = K.stage1_aot_source(
+            job["d"], _dtype(job["dtype"]), cfg, out_dtype=_dtype(job.get("out", "fp32")), kv_dtype=_dtype(job.get("kv", job["dtype"]))
+        )
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     else:
         src = K.stage2_aot_source(job["d"], _dtype(job["dtype"]), K.MAX_KV_SPLITS, store_lse=True)
