@@ -450,7 +450,7 @@ def _check_workspace(workspace, bsz: int, heads: int, splits: int, d_ckv: int):
         and po.dim() == 4
         and plse.dim() == 3
         and po.shape[0] >= bsz
-        and tuple(po.shape[1:2]) == (heads,)
+        and po.shape[1] == heads
         and po.shape[2] >= splits
         and po.shape[3] == d_ckv
         and plse.shape[0] >= bsz

@@ -4,6 +4,12 @@ Triton reads TRITON_INTERPRET when it is imported, and other test modules import
 triton) into this process, so every kernel run happens in one subprocess
 (``tests/triton_runner.py interpret``) shared by the parametrized checks below.  The interpreter
 runs the grid serially in numpy: the cases are kept small (a few seconds each).
+
+The interpreter (triton 3.8) loads ``float8_e4m3fn`` tensors and converts them exactly, so the fp8
+cache is checked here numerically (against the reference on the dequantised values); the sm_90
+compile of the fp8 tiles is in ``test_kernel_compile.py``.  The ``TritonTPLADecode`` runner is
+checked both here (numerics, buffer reuse) and in-process with its launches stubbed out (no
+allocation, no device reads).
 """
 
 import math
