@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 TRAINED_MODEL = REPO / "tests" / "assets" / "tiny-deepseek-trained"
 FIDELITY_REPORT = "results/fidelity/results.md"
 DEMO_PROMPTS = (
-    "Open file and return a stream.",
-    "Permission is hereby granted, free of charge, to any person obtaining a copy",
     "Return True if the object is",
+    "This program is free software; you can redistribute it",
+    "The file is opened in",
 )
 
 
@@ -186,8 +186,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", default=str(TRAINED_MODEL), help="default: the shipped trained tiny DeepSeek-V3")
     p.add_argument("--prompt", action="append", help=f"text prompt (repeatable; default: {len(DEMO_PROMPTS)} built-in)")
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--repetition-penalty", type=float, default=1.3,
-                   help="SGLang sampling repetition_penalty (greedy decoding of this tiny model repeats itself without it)")
+    p.add_argument("--frequency-penalty", type=float, default=1.0,
+                   help="SGLang sampling frequency_penalty (default 1.0: greedy decoding of the tiny model otherwise "
+                   "falls into runs of newlines; 0: plain greedy)")
     p.add_argument("--prefill-tp", type=int, default=1)
     p.add_argument("--decode-tp", type=int, default=2)
     p.add_argument("--g", type=int, default=None, help="latent groups on the decode node (default: decode TP)")
@@ -224,13 +225,15 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    answered = False
     try:
         print(f"[demo] {model.name}: exact-MLA prefill node (TP={a.prefill_tp}) -> TPLA decode node (TP={a.decode_tp}, "
               f"g={a.g or a.decode_tp}, {a.transform}) -> router; every server takes 1-3 minutes to start on a small CPU",
               flush=True)
         dep.start()
-        sampling = {"repetition_penalty": a.repetition_penalty} if a.repetition_penalty != 1.0 else {}
+        sampling = {"frequency_penalty": a.frequency_penalty} if a.frequency_penalty else {}
         print_completions(complete_texts(dep.post, tok, prompts, a.max_new_tokens, sampling))
+        answered = True
         if a.hold:
             print(f"[demo] serving at {dep.url} (POST /generate with \"text\"); Ctrl-C stops every process started here",
                   flush=True)
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dep.stop()
         print(f"[demo] stopped; logs in {dep.log_dir}", flush=True)
-    return 0
+    return 0 if answered else 130  # interrupted before the prompts were answered
 
 
 if __name__ == "__main__":
