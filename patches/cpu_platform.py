@@ -34,7 +34,30 @@ What it does (all through SGLang's plugin seams, no SGLang source change):
   - AROUND ``sglang.srt.utils.common.get_free_cpu_memory``, only when
     ``SGLANG_TPLA_CPU_MEM_GB`` is set: report that fixed amount of free memory, so two
     servers get exactly the same KV budget (the capacity comparison in the tests and the
-    main job); otherwise SGLang reads psutil as usual.
+    main job); otherwise SGLang reads psutil as usual.  The fixed figure does not shrink when
+    the weights load, so by default the KV budget ignores the weights.  With
+    ``SGLANG_TPLA_CPU_MEM_COUNT_WEIGHTS=1`` it counts them the way a GPU does: once the model
+    is loaded (:meth:`TPLACpuPlatform.post_load_model`), the free memory reported is the fixed
+    amount minus the bytes of every tensor the model holds in this rank's process
+    (parameters, buffers and tensor attributes such as ``w_kc``/``w_vc`` and TPLA's slices,
+    each storage once), so a server that keeps more weight bytes gets fewer KV tokens.
+* Block-FP8 checkpoints (DeepSeek-V3 / R1 / Kimi-K2 format: float8_e4m3fn weights with
+  128x128-block ``weight_scale_inv``), served with SGLang's own ``Fp8LinearMethod``:
+
+  - AROUND ``sglang.srt.layers.quantization.fp8_utils.dispatch_w8a8_block_fp8_linear``: the
+    block-FP8 GEMM every ``Fp8LinearMethod`` binds at construction is
+    :func:`block_fp8_linear_cpu` (plain PyTorch: dequantize the weight blocks, ``fp8 *
+    scale_inv`` in float32, cast to the activation dtype, ``F.linear``).  The activations
+    are *not* quantized (SGLang's Triton/DeepGEMM kernels quantize them to e4m3 per 1x128
+    group on a GPU): weight-only FP8, so an fp32 server equals an fp32 model on the
+    dequantized weights.
+  - REPLACE ``sglang.srt.layers.quantization.fp8_utils.block_quant_to_tensor_quant`` (what
+    SGLang's DeepSeek loader calls off CUDA to turn the block-FP8 ``kv_b_proj`` into
+    per-tensor FP8 ``w_kc``/``w_vc``, whose ``bmm_fp8`` is CUDA-only): dequantize to the
+    model dtype instead, as SGLang does on CUDA (there to bf16), so MLA's absorbed bmm runs
+    in the model dtype.
+  - AFTER ``sglang.srt.layers.quantization.fp8.Fp8Config.get_supported_act_dtypes``: allow
+    float32 activations too (the tests serve ``--dtype float32``; the weights stay FP8).
 
 Note: ``HookRegistry.apply_hooks`` only *logs* a target it cannot resolve, so a moved
 SGLang name silently disables a hook; ``HOOK_TARGETS`` lists every SGLang name used here
@@ -76,9 +99,15 @@ HOOK_TARGETS = (
     "sglang.srt.model_executor.cuda_graph_config.Phase",
     "sglang.srt.model_executor.cuda_graph_config.Backend.DISABLED",
 )
+# Block-FP8 on CPU (registered with the rest, only when the platform is selected).
+FP8_DISPATCH_TARGET = "sglang.srt.layers.quantization.fp8_utils.dispatch_w8a8_block_fp8_linear"
+FP8_TENSOR_QUANT_TARGET = "sglang.srt.layers.quantization.fp8_utils.block_quant_to_tensor_quant"
+FP8_DTYPES_TARGET = "sglang.srt.layers.quantization.fp8.Fp8Config.get_supported_act_dtypes"
+HOOK_TARGETS = HOOK_TARGETS + (FP8_DISPATCH_TARGET, FP8_TENSOR_QUANT_TARGET, FP8_DTYPES_TARGET)
 
 TRACE_ENV = "SGLANG_TPLA_CPU_TRACE_ATTN"
 MEM_ENV = "SGLANG_TPLA_CPU_MEM_GB"
+COUNT_WEIGHTS_ENV = "SGLANG_TPLA_CPU_MEM_COUNT_WEIGHTS"
 
 
 def selected() -> bool:
@@ -186,6 +215,20 @@ class TPLACpuPlatform(CpuDeviceMixin, SRTPlatform):
     def is_pin_memory_available(self, device=None) -> bool:
         return False
 
+    def post_load_model(self, model) -> None:
+        """Called by ModelRunner.load_model once the weights are loaded and post-processed
+        (after SGLang's and TPLA's ``post_load_weights``), before the KV pool is sized: log
+        this rank's resident weight bytes and remember the model for the weight-counting
+        free-memory figure (``SGLANG_TPLA_CPU_MEM_COUNT_WEIGHTS``)."""
+        import weakref
+
+        from .weights import resident_weight_bytes
+
+        global _model_ref
+        _model_ref = weakref.ref(model)
+        logger.info("tpla_cpu: rank weight bytes %d (%.2f MiB, every tensor the model holds after load)",
+                    resident_weight_bytes(model), resident_weight_bytes(model) / (1 << 20))
+
 
 def _mla_for_torch_native(attn, forward_batch):
     """Handler for ``AttentionBackendRegistry`` key ``"torch_native"``
@@ -228,11 +271,72 @@ def _pin_rank(result, *args, **kwargs):
     return result
 
 
+_model_ref = None  # weakref to this process's loaded model (post_load_model)
+
+
 def _fixed_free_memory(orig, *args, **kwargs):
     """AROUND ``sglang.srt.utils.common.get_free_cpu_memory``: a fixed budget from
-    ``SGLANG_TPLA_CPU_MEM_GB`` (GiB), if set; psutil otherwise."""
+    ``SGLANG_TPLA_CPU_MEM_GB`` (GiB), if set; psutil otherwise.  With
+    ``SGLANG_TPLA_CPU_MEM_COUNT_WEIGHTS=1`` the loaded model's tensor bytes are subtracted
+    (a GPU's free memory after loading: the KV budget pays for the weights)."""
     gb = os.environ.get(MEM_ENV)
-    return int(float(gb) * (1 << 30)) if gb else orig(*args, **kwargs)
+    if not gb:
+        return orig(*args, **kwargs)
+    free = int(float(gb) * (1 << 30))
+    model = _model_ref() if _model_ref is not None else None
+    if model is not None and os.environ.get(COUNT_WEIGHTS_ENV, "") not in ("", "0"):
+        from .weights import resident_weight_bytes
+
+        free -= resident_weight_bytes(model)
+    return free
+
+
+# --------------------------------------------------------------------------- block FP8
+
+
+def block_fp8_linear_cpu(input, weight, block_size, weight_scale, input_scale=None, bias=None, **_unused):
+    """SGLang's block-FP8 linear (``w8a8_block_fp8_linear`` signature) in plain PyTorch.
+
+    ``weight`` float8_e4m3fn ``[N, K]`` with float32 ``weight_scale`` ``[ceil(N/bn), ceil(K/bk)]``:
+    dequantized block by block in float32 (``fp8 * scale``), cast to the activation dtype, then
+    ``F.linear``.  Activations are not quantized.  A pre-quantized input (``input_scale`` given:
+    fp8 ``input`` with per-token 1 x ``bk`` group scales, SGLang's fused norm+quant output) is
+    dequantized the same way and the output is bf16, as SGLang's kernels return it.
+    """
+    import torch.nn.functional as F
+
+    from sglang_tpla.tiny_model import dequantize_block_fp8
+
+    bn, bk = int(block_size[0]), int(block_size[1])
+    if input_scale is not None:
+        x2 = input.reshape(-1, input.shape[-1])
+        s = input_scale.reshape(x2.shape[0], -1).float().repeat_interleave(bk, 1)[:, : x2.shape[1]]
+        x = (x2.float() * s).reshape(input.shape)
+        out_dtype = torch.bfloat16
+    else:
+        x, out_dtype = input, input.dtype
+    w = dequantize_block_fp8(weight, weight_scale, (bn, bk)).to(x.dtype)
+    out = F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+    return out.to(out_dtype)
+
+
+def _dispatch_block_fp8_linear(orig, *args, **kwargs):
+    """AROUND ``fp8_utils.dispatch_w8a8_block_fp8_linear``: every block-FP8 linear runs :func:`block_fp8_linear_cpu`."""
+    return block_fp8_linear_cpu
+
+
+def _dequant_kv_b(weight, weight_scale, block_size, *args, **kwargs):
+    """REPLACE ``fp8_utils.block_quant_to_tensor_quant`` (SGLang's DeepSeek loader, off CUDA): the
+    block-FP8 ``kv_b_proj`` dequantized to the model dtype (the loader runs under SGLang's
+    ``set_default_torch_dtype``) and no per-tensor scale, so ``w_kc``/``w_vc`` take the plain bmm."""
+    from sglang_tpla.tiny_model import dequantize_block_fp8
+
+    return dequantize_block_fp8(weight, weight_scale, tuple(block_size)).to(torch.get_default_dtype()), None
+
+
+def _fp8_act_dtypes(result, *args, **kwargs):
+    """AFTER ``Fp8Config.get_supported_act_dtypes``: float32 too (weight-only FP8 on this platform)."""
+    return list(result) + [torch.float32] if torch.float32 not in result else result
 
 
 _TRACE = False
@@ -256,3 +360,6 @@ def install() -> None:
     HookRegistry.register(PIN_TARGET, _pin_rank, HookType.AFTER)
     HookRegistry.register(FREE_MEM_TARGET, _fixed_free_memory, HookType.AROUND)
     HookRegistry.register(PD_SENDER_TARGET, _no_host_tensor_indices, HookType.AFTER)
+    HookRegistry.register(FP8_DISPATCH_TARGET, _dispatch_block_fp8_linear, HookType.AROUND)
+    HookRegistry.register(FP8_TENSOR_QUANT_TARGET, _dequant_kv_b, HookType.REPLACE)
+    HookRegistry.register(FP8_DTYPES_TARGET, _fp8_act_dtypes, HookType.AFTER)

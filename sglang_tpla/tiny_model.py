@@ -141,6 +141,13 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[dict
     The fp32 reference must be built from ``dtype=torch.float32`` *before* a transform is
     folded in: folding keeps the input dtype, so folding a bf16 checkpoint as stored rounds the
     folded weights to bf16, while a server run with ``--dtype float32`` folds in fp32.
+
+    A block-FP8 checkpoint (:func:`build_tiny_fp8_model_dir`, or any ``quantization_config``
+    ``{"quant_method": "fp8", "weight_block_size": [bo, bi]}`` with ``<name>_scale_inv`` tensors)
+    is dequantized when ``dtype`` is given (:func:`dequantize_state_dict`: ``fp8 * scale_inv``
+    per block in float32, then ``dtype``; the ``_scale_inv`` tensors are dropped), so the
+    reference runs on exactly the weights the CPU platform's block-FP8 linear multiplies with.
+    With ``dtype=None`` the tensors are returned as stored (fp8 weights and their scales).
     """
     from safetensors.torch import load_file
 
@@ -150,8 +157,129 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[dict
     for f in sorted(path.glob("*.safetensors")):
         sd.update(load_file(str(f)))
     if dtype is not None:
+        block = fp8_block_size(cfg)
+        if block is not None:
+            sd = dequantize_state_dict(sd, block)
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     return cfg, sd
+
+
+# --------------------------------------------------------------------------- block FP8 (DeepSeek-V3 format)
+
+# DeepSeek-V3 / R1 / Kimi-K2 ``config.json`` ``quantization_config``.
+FP8_QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+# Linear weights DeepSeek-V3 stores in FP8 (attention projections and MLP / expert projections);
+# everything else (embed_tokens, lm_head, every RMSNorm gain incl. q_a_layernorm / kv_a_layernorm,
+# the MoE router ``mlp.gate`` and its ``e_score_correction_bias``) stays in the model dtype.
+# SGLang's Fp8Config.get_quant_method quantizes every LinearBase layer it builds (and only those):
+# ParallelLMHead / VocabParallelEmbedding are not LinearBase, the router is a plain ReplicatedLinear
+# built without the quant config.
+_FP8_LINEARS = (
+    "self_attn.q_a_proj.weight", "self_attn.q_b_proj.weight", "self_attn.q_proj.weight",
+    "self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight",
+    "gate_proj.weight", "up_proj.weight", "down_proj.weight",
+)
+
+
+def fp8_block_size(cfg: dict) -> tuple[int, int] | None:
+    """``(rows, cols)`` of a block-FP8 ``quantization_config``, else None."""
+    qc = cfg.get("quantization_config") or {}
+    bs = qc.get("weight_block_size")
+    if str(qc.get("quant_method", "")).lower() != "fp8" or not bs or len(bs) != 2:
+        return None
+    return int(bs[0]), int(bs[1])
+
+
+def is_fp8_linear(name: str) -> bool:
+    """Is ``name`` a weight DeepSeek-V3 stores in block FP8 (a decoder layer's linear projection)?"""
+    return name.startswith("model.layers.") and name.endswith(_FP8_LINEARS)
+
+
+def quantize_block_fp8(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's weight quantization: float8_e4m3fn weight and float32 ``weight_scale_inv`` of
+    shape ``[ceil(out/bo), ceil(in/bi)]`` with ``w ~= fp8 * scale_inv`` per block and
+    ``scale_inv = amax(|block|) / 448`` (edge blocks partial)."""
+    out_f, in_f = w.shape
+    bo, bi = block
+    so, si = math.ceil(out_f / bo), math.ceil(in_f / bi)
+    pad = torch.zeros(so * bo, si * bi, dtype=torch.float32)
+    pad[:out_f, :in_f] = w.float()
+    blocks = pad.view(so, bo, si, bi)
+    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp_min(1e-12)
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(so * bo, si * bi)[:out_f, :in_f].clone(memory_format=torch.contiguous_format), scale  # own storage, no padding
+
+
+def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """float32 ``weight * scale_inv``, one scale per ``block = (rows, cols)`` tile (edge tiles partial):
+    the same product SGLang's ``block_quant_dequant`` and the CPU platform's block-FP8 linear form."""
+    out_f, in_f = weight.shape
+    bo, bi = block
+    want = (math.ceil(out_f / bo), math.ceil(in_f / bi))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"scale_inv of shape {tuple(scale_inv.shape)} does not fit a {out_f}x{in_f} weight with {bo}x{bi} blocks (expected {want})")
+    s = scale_inv.float().repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
+    return weight.float() * s
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], block: tuple[int, int] = (128, 128), model_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3's layout: :func:`is_fp8_linear` weights as float8_e4m3fn plus ``<name>_scale_inv``,
+    every other tensor cast to ``model_dtype``."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if is_fp8_linear(k) and v.dim() == 2:
+            out[k], out[k + "_scale_inv"] = quantize_block_fp8(v, block)
+        else:
+            out[k] = v.to(model_dtype) if v.is_floating_point() else v
+    return out
+
+
+def dequantize_state_dict(sd: dict[str, torch.Tensor], block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
+    """float32 weights of a block-FP8 state dict (``_scale_inv`` tensors consumed); other tensors unchanged."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k.endswith("_scale_inv") and k.removesuffix("_scale_inv") in sd:
+            continue
+        if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            s = sd.get(k + "_scale_inv")
+            if s is None:
+                raise ValueError(f"{k} is {v.dtype} but {k}_scale_inv is missing (only block-quantized FP8 is supported)")
+            out[k] = dequantize_block_fp8(v, s, block)
+        else:
+            out[k] = v
+    return out
+
+
+def tiny_fp8_config(**overrides) -> dict:
+    """:func:`tiny_config` with DeepSeek-V3's block-FP8 ``quantization_config`` and bf16 ``torch_dtype``.
+
+    ``q_lora_rank`` defaults to 256: SGLang fuses ``q_a_proj`` with ``kv_a_proj_with_mqa`` and
+    needs the q part to end on a 128-row block (DeepSeek-V3: 1536).  Per TP rank the
+    head-sharded ``q_b_proj`` rows (``heads/TP * 192``) must fill whole 128-row blocks too, so
+    ``heads/TP`` must be even (8 heads: TP 1, 2, 4).
+    """
+    overrides.setdefault("q_lora_rank", 256)
+    overrides.setdefault("torch_dtype", "bfloat16")
+    cfg = tiny_config(**overrides)
+    cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
+    return cfg
+
+
+def build_tiny_fp8_model_dir(path: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """A complete tiny DeepSeek-V3 directory in DeepSeek-V3's published block-FP8 format.
+
+    The random fp32 weights of :func:`random_state_dict` (same seed, same config) are quantized
+    like the published checkpoints: every decoder-layer linear (``q_a_proj``, ``q_b_proj``,
+    ``kv_a_proj_with_mqa``, ``kv_b_proj``, ``o_proj``, the MLP ``gate/up/down_proj``) to
+    float8_e4m3fn with a 128x128-block float32 ``weight_scale_inv``; embeddings, ``lm_head`` and
+    every norm gain stay bf16.  :func:`load_model` with a ``dtype`` dequantizes it again.
+    """
+    cfg = tiny_fp8_config(**config_overrides)
+    block = fp8_block_size(cfg)
+    save_model(path, cfg, quantize_state_dict(random_state_dict(cfg, seed=seed), block))
+    return save_tokenizer(path, cfg["vocab_size"])
 
 
 def save_tokenizer(path: str | Path, vocab_size: int) -> Path:
