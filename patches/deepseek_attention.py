@@ -102,16 +102,21 @@ def _prepare(orig, self, positions, hidden_states, forward_batch, zero_allocator
 
 
 def _project_q(self, q: torch.Tensor) -> torch.Tensor:
-    """``q_b_proj`` (``q_proj``) for the heads this rank attends with: ``[T, q_lora]`` -> ``[T, Hg * (nope + rope)]``."""
-    return F.linear(q, self.tpla.q_weight)
+    """``q_b_proj`` (``q_proj``) for the heads this rank attends with: ``[T, q_lora]`` -> ``[T, Hg * (nope + rope)]``.
+
+    SGLang's own head-sharded module computes this rank's ``H/TP`` heads (its quant method: block
+    FP8, bf16, ...); the ``g`` head peers all-gather them (:mod:`sglang_tpla.comm`).  No q weight copy."""
+    mod = self.q_b_proj if hasattr(self, "q_b_proj") else self.q_proj
+    return self.tpla.peers.all_gather_q(mod(q)[0])
 
 
 def _project_o(self, o: torch.Tensor) -> torch.Tensor:
-    """This rank's latent-slice attention output ``[T, Hg, D]`` through its W_UV rows and its heads'
-    ``o_proj`` columns: its partial of the layer output (SGLang's all-reduce sums the ranks)."""
+    """This rank's latent-slice attention output ``[T, Hg, D]`` through its W_UV rows, reduce-scattered
+    over the ``g`` head peers (sums the latent slices, keeps this rank's ``H/TP`` heads), then SGLang's
+    own head-sharded ``o_proj``: this rank's partial of the layer output (SGLang's all-reduce sums the ranks)."""
     w = self.tpla
-    v = torch.bmm(o.transpose(0, 1), w.w_vc.to(o.dtype)).transpose(0, 1).flatten(1, 2)
-    return F.linear(v, w.o_weight.to(v.dtype))
+    v = torch.bmm(o.transpose(0, 1), w.w_vc.to(o.dtype)).transpose(0, 1)  # [T, Hg, v]
+    return self.o_proj(w.peers.reduce_scatter_heads(v).flatten(1, 2))[0]
 
 
 def _local_norm(self, cs: torch.Tensor, w) -> torch.Tensor:
