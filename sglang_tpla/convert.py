@@ -26,7 +26,9 @@ FP8 block-quantized checkpoints (``quantization_config`` ``{"quant_method": "fp8
 "weight_block_size": [bo, bi]}``, float8_e4m3fn weights with a ``<name>_scale_inv`` sibling of
 shape ``[ceil(out/bo), ceil(in/bi)]``): in every folded layer the fp8 ones of ``q_a_proj``,
 ``kv_a_proj_with_mqa`` and ``kv_b_proj`` are dequantized in float32 (``fp8 * scale_inv`` per
-block), folded in float64, written as bfloat16, their ``_scale_inv`` tensors dropped, and the
+block), folded in float64, written as bfloat16 (``--dequant-dtype``: the published checkpoints'
+model dtype; ``float32`` keeps the fold exact for an fp32 server), their ``_scale_inv`` tensors
+dropped, and the
 modules listed in ``quantization_config["ignored_layers"]`` (and ``modules_to_not_convert``,
 the HF transformers name; both hold the same list).  ``q_a_proj`` is listed because SGLang
 fuses it with ``kv_a_proj_with_mqa`` into ``fused_qkv_a_proj_with_mqa`` and
@@ -403,10 +405,17 @@ def convert(
     calibration: str | Path | None = None,
     mtp: str = "fold",
     overwrite: bool = False,
+    dequant_dtype: str = "bfloat16",
 ) -> dict:
-    """Convert ``src`` into ``dst``; returns the ``tpla_transform`` record written to ``dst/config.json``."""
+    """Convert ``src`` into ``dst``; returns the ``tpla_transform`` record written to ``dst/config.json``.
+
+    ``dequant_dtype`` (``bfloat16``, ``float16`` or ``float32``) is the dtype the FP8 projections
+    the fold dequantizes are written in (float checkpoints keep their own dtype)."""
     t0 = time.time()
     src, dst = Path(src), Path(dst)
+    deq_name = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dequant_dtype)
+    if deq_name is None:
+        raise ConvertError(f"--dequant-dtype must be bfloat16, float16 or float32, got {dequant_dtype!r}")
     if transform == "none":
         raise ConvertError(
             "--transform none folds nothing a TPLA decode node needs (the gain fold alone does not change the "
@@ -488,7 +497,7 @@ def convert(
             keys.append(l.prefix + "q_a_proj.weight")
         for k in keys:
             if loader.is_fp8(k):
-                l.outputs[k] = "BF16"
+                l.outputs[k] = deq_name
                 dropped.add(k + "_scale_inv")
                 l.dequantized.append(k.removesuffix(".weight"))
             elif k.endswith("q_a_proj.weight"):
@@ -506,7 +515,7 @@ def convert(
         if kq in l.outputs:
             out[kq] = loader.value(kq)
         res = {k: v.to(_DTYPES[l.outputs[k]]) for k, v in out.items()}
-        deq = f", dequantized {[m.rsplit('.', 1)[-1] for m in l.dequantized]} -> bf16" if l.dequantized else ""
+        deq = f", dequantized {[m.rsplit('.', 1)[-1] for m in l.dequantized]} -> {dequant_dtype}" if l.dequantized else ""
         _log(f"layer {l.prefix.removesuffix('.self_attn.')}: folded, {len(res)} tensors rewritten{deq}")
         return res
 
@@ -609,7 +618,7 @@ def convert(
             qc["ignored_layers"] = names
             qc["modules_to_not_convert"] = names
             out_cfg["quantization_config"] = qc
-            _log(f"quantization_config: {len(deq_modules)} projection(s) dequantized to bf16; "
+            _log(f"quantization_config: {len(deq_modules)} projection(s) dequantized to {dequant_dtype}; "
                  f"{len(names)} module names in ignored_layers / modules_to_not_convert")
         out_cfg[RECORD_KEY] = record
         (tmp / "config.json").write_text(json.dumps(out_cfg, indent=2) + "\n")
@@ -663,10 +672,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mtp", choices=("fold", "keep"), default="fold",
                     help="MLA layers beyond num_hidden_layers (MTP/nextn): fold them too (default) or keep them unchanged")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst (only after the conversion succeeded)")
+    ap.add_argument("--dequant-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                    help="block-FP8 checkpoints: dtype of the projections the fold dequantizes (q_a_proj, "
+                    "kv_a_proj_with_mqa, kv_b_proj; default bfloat16, the published model dtype)")
     args = ap.parse_args(argv)
     try:
         convert(args.src, args.dst, args.transform, seed=args.seed, calibration=args.calibration,
-                mtp=args.mtp, overwrite=args.overwrite)
+                mtp=args.mtp, overwrite=args.overwrite, dequant_dtype=args.dequant_dtype)
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

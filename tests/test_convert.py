@@ -291,6 +291,29 @@ def test_fp8_block_quantized_checkpoint(tmp_path, model):
     assert not any(k.endswith(("kv_a_proj_with_mqa.weight_scale_inv", "kv_b_proj.weight_scale_inv", "q_a_proj.weight_scale_inv")) for k in index["weight_map"])
 
 
+def test_fp8_tiny_checkpoint_dequant_dtype_float32(tmp_path):
+    """``dequant_dtype='float32'`` keeps the dequantized fold exact (what an fp32 server folds at load);
+    the result is the fp32 model on the dequantized weights, folded."""
+    from sglang_tpla.tiny_model import build_tiny_fp8_model_dir, dequantize_block_fp8, load_model
+
+    src = build_tiny_fp8_model_dir(tmp_path / "src", seed=4)
+    _, raw = load_model(src)
+    convert(src, tmp_path / "dst", "hadamard", seed=0, dequant_dtype="float32")
+    got = load_dir(tmp_path / "dst")
+    u = make_rotation("hadamard", 512, seed=0)
+    cfg, deq = load_model(src, dtype=torch.float32)
+    want = fold_state_dict(deq, u)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}.self_attn."
+        for m in ("kv_a_proj_with_mqa", "kv_b_proj"):
+            assert got[p + m + ".weight"].dtype == torch.float32 and torch.equal(got[p + m + ".weight"], want[p + m + ".weight"])
+        assert torch.equal(got[p + "q_a_proj.weight"], dequantize_block_fp8(raw[p + "q_a_proj.weight"], raw[p + "q_a_proj.weight_scale_inv"]))
+        assert got[p + "q_b_proj.weight"].dtype == torch.float8_e4m3fn  # untouched: still FP8 with its scales
+    assert_logits_close(logits(cfg, {k: v.float() for k, v in load_model(tmp_path / "dst", dtype=torch.float32)[1].items()}), logits(cfg, deq))
+    with pytest.raises(ConvertError, match="--dequant-dtype"):
+        convert(src, tmp_path / "dst2", "hadamard", dequant_dtype="float8")
+
+
 # --------------------------------------------------------------------------- (c) refusals
 
 
