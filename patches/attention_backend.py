@@ -204,6 +204,7 @@ class TPLAAttnBackend(AttentionBackend):
         if self._triton is not None and max_bs > self._triton.max_batch:
             self._triton = self._triton_runner(max_bs)
         self._graph_wrappers.clear()
+        logger.info("TPLA: decode CUDA graphs: capturing batch sizes up to %d (%s)", max_bs, self.choice.impl)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         """Capture (``in_capture``) and replay: refill the graph buffers in place; FlashInfer gets one
@@ -281,7 +282,7 @@ def _graph_phases(result, server_args, *args, **kwargs):
         declare_resolution(
             server_args, "_tpla_prefill_graphs_off", cuda_graph_config=with_phase(graphs, Phase.PREFILL, backend=Backend.DISABLED)
         )
-    logger.info("TPLA: decode CUDA graphs: %s", decode)
+    logger.info("TPLA: decode CUDA graph backend as SGLang resolved it: %s (the tpla backend captures decode)", decode)
     return result
 
 

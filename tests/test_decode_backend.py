@@ -307,7 +307,7 @@ def test_cuda_graph_decision_keeps_decode_graphs_and_turns_prefill_graphs_off(ca
     (source, fields), = args._resolved_overrides
     assert fields["cuda_graph_config"].decode.backend == Backend.FULL
     assert fields["cuda_graph_config"].prefill.backend == Backend.DISABLED
-    assert "decode CUDA graphs: full" in caplog.text and "prefill CUDA graphs (breakable) disabled" in caplog.text
+    assert "decode CUDA graph backend as SGLang resolved it: full" in caplog.text and "prefill CUDA graphs (breakable) disabled" in caplog.text
     stock = SimpleNamespace(decode_attention_backend="flashinfer", attention_backend=None, cuda_graph_config=cfg)
     _graph_phases(None, stock)
     assert not hasattr(stock, "_resolved_overrides")  # TPLA off: SGLang's choice untouched

@@ -1,0 +1,108 @@
+"""Prefill benchmark: long prompts in chunks through real servers, stock MLA vs TPLA side by side.
+
+    python -m sglang_tpla.bench.prefill [--model-path M] [--tp 2] [--lens 2048 8192 16384]
+        [--chunk 2048] [--out results/prefill.md] [-- extra sglang.launch_server flags]
+
+Each server (stock MLA, then TPLA with ``{"g": tp, "transform": "hadamard"}``) is started alone,
+sent one prompt per length (ascending, the same random token ids for both servers, each prompt
+new to the radix cache) with ``max_new_tokens=1``, and measured: wall time of the request
+(prefill of every chunk + one decode step) and the schedulers' peak resident memory (``VmHWM``,
+the largest over the TP ranks) after start-up and after each prompt.  Every chunk after the
+first is an extend over a cached prefix, which TPLA serves with its own exact-MLA extend over the
+latent-split pool (``kernels/torch_extend.py``).  Without ``--model-path`` a tiny DeepSeek-V3
+(real MLA dims, random weights, 32K positions) is built in a temporary folder.  On the CPU
+platform this measures the CPU code paths only; it says nothing about GPU prefill speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def scheduler_peak_mib(server) -> float:
+    """The largest ``VmHWM`` among the server's scheduler processes, in MiB."""
+    import psutil
+
+    peak = 0
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if "scheduler" not in " ".join(p.cmdline()):
+                continue
+            with open(f"/proc/{p.pid}/status") as f:
+                peak = max(peak, next(int(line.split()[1]) for line in f if line.startswith("VmHWM")))
+        except (psutil.Error, OSError, StopIteration):
+            continue
+    return peak / 1024
+
+
+def run_server(name, model_path, tp, args, env, lens, prompts, log_dir) -> dict:
+    from sglang_tpla.serving import ServerProcess
+
+    srv = ServerProcess(model_path, tp=tp, args=args, env=env, log_path=Path(log_dir) / f"{name}.log", name=name)
+    with srv:
+        row = {"idle_mib": scheduler_peak_mib(srv), "s": {}, "mib": {}}
+        for n in lens:
+            t0 = time.perf_counter()
+            srv.post("/generate", {"input_ids": prompts[n], "sampling_params": {"max_new_tokens": 1, "temperature": 0}}, timeout=3600)
+            row["s"][n] = time.perf_counter() - t0
+            row["mib"][n] = scheduler_peak_mib(srv)
+            print(f"[prefill] {name}: {n} tokens in {row['s'][n]:.2f} s, scheduler peak {row['mib'][n]:.0f} MiB", flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(prog="python -m sglang_tpla.bench.prefill", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-path", help="a DeepSeek-architecture model (default: a tiny random one, built here)")
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--lens", type=int, nargs="+", default=[2048, 8192, 16384])
+    ap.add_argument("--chunk", type=int, default=2048, help="--chunked-prefill-size of both servers")
+    ap.add_argument("--mem-gb", default="1", help="SGLANG_TPLA_CPU_MEM_GB on the CPU platform (fixed KV budget)")
+    ap.add_argument("--out", help="also write the markdown table here")
+    a = ap.parse_args(argv)
+    lens = sorted(a.lens)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = a.model_path
+        if model is None:
+            from sglang_tpla.tiny_model import build_tiny_model_dir
+
+            model = str(build_tiny_model_dir(Path(tmp) / "model", seed=3, max_position_embeddings=32768))
+        rng = random.Random(0)
+        prompts = {n: [rng.randrange(3, 500) for _ in range(n)] for n in lens}
+        common = ["--chunked-prefill-size", str(a.chunk), "--context-length", str(max(lens) + 64), *extra]
+        env = {"SGLANG_TPLA_CPU_MEM_GB": a.mem_gb}
+        tpla = ["--decode-attention-backend", "tpla", "--json-model-override-args", f'{{"tpla": {{"g": {a.tp}, "transform": "hadamard"}}}}']
+        rows = {
+            "MLA": run_server("mla", model, a.tp, common, env, lens, prompts, tmp),
+            "TPLA": run_server("tpla", model, a.tp, common + tpla, env, lens, prompts, tmp),
+        }
+    mla, tp = rows["MLA"], rows["TPLA"]
+    lines = [
+        f"Prefill, TP={a.tp}, chunks of {a.chunk} tokens, one request per length (+1 decode step); "
+        f"peak = largest scheduler VmHWM so far (idle after start-up: MLA {mla['idle_mib']:.0f} MiB, TPLA {tp['idle_mib']:.0f} MiB)",
+        "",
+        "| prompt | MLA s | TPLA s | TPLA/MLA time | MLA peak MiB | TPLA peak MiB | TPLA/MLA peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in lens:
+        lines.append(
+            f"| {n} | {mla['s'][n]:.2f} | {tp['s'][n]:.2f} | {tp['s'][n] / mla['s'][n]:.2f}x | {mla['mib'][n]:.0f} | "
+            f"{tp['mib'][n]:.0f} | {tp['mib'][n] / mla['mib'][n]:.2f}x |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
