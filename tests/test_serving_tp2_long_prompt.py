@@ -1,4 +1,4 @@
-"""An 8K-token prompt in 2048-token chunks at TP=2: every chunk after the first is an extend over a
+"""A 4K-token prompt in 1024-token chunks at TP=2: every chunk after the first is an extend over a
 cached prefix on TPLA's latent-split pool (exact MLA, the prefix latent all-gathered chunk by chunk,
 bounded memory: ``kernels/torch_extend.py``).  Prompt and first-token log-probs equal stock MLA's;
 the schedulers' peak RSS is printed side by side (the bound itself is measured in
@@ -6,7 +6,9 @@ the schedulers' peak RSS is printed side by side (the bound itself is measured i
 
 Stock MLA runs in 512-token chunks: on the CPU platform SGLang's torch_native MLA extend holds
 ``[chunk, heads, prefix]`` tensors, and at 2048-token chunks over a 16K prompt a scheduler was
-OOM-killed at 6.5 GB on this 24 GB machine.  Chunking does not change the log-probs."""
+OOM-killed at 6.5 GB on this 24 GB machine (an 8K prompt, measured once: max |dlogprob| 5.3e-6,
+scheduler peak RSS 5.1 GB for MLA in 512-token chunks vs 2.5 GB for TPLA in 2048-token chunks).
+Chunking does not change the log-probs."""
 
 import random
 
@@ -20,7 +22,7 @@ from serving_utils import BUDGET, FP32
 
 pytestmark = pytest.mark.slow
 
-PROMPT_LEN, CHUNK, MLA_CHUNK = 8192, 2048, 512
+PROMPT_LEN, CHUNK, MLA_CHUNK = 4096, 1024, 512
 TOL = 2e-4  # fp32, max |logprob difference| over all prompt positions and the first decoded token
 
 
