@@ -187,8 +187,6 @@ def test_graph_capture_and_padded_replay_metadata_and_output_equal_eager():
 
 def test_decode_step_reads_no_device_value_on_the_host_and_creates_nothing_off_device():
     """Every device tensor on ``meta``: a host sync or a tensor made on the CPU raises."""
-    from sglang.srt.mem_cache.memory_pool import KVWriteLoc  # noqa: F401 - imported by the write path
-
     backend, pool, runner, ctx = _backend(device="meta", kv_dtype=torch.bfloat16)
     assert backend.choice.impl == "torch"
     d = backend.d_ckv

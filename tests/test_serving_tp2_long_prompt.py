@@ -12,9 +12,9 @@ Chunking does not change the log-probs."""
 
 import random
 
-import psutil
 import pytest
 
+from sglang_tpla.bench.prefill import scheduler_peak_mib
 from sglang_tpla.serving import ServerProcess
 from sglang_tpla.tiny_model import build_tiny_model_dir
 
@@ -24,20 +24,6 @@ pytestmark = pytest.mark.slow
 
 PROMPT_LEN, CHUNK, MLA_CHUNK = 4096, 1024, 512
 TOL = 2e-4  # fp32, max |logprob difference| over all prompt positions and the first decoded token
-
-
-def _peak_rss_mib(server) -> float:
-    """The largest VmHWM (peak resident set) among the server's scheduler processes."""
-    peak = 0
-    for p in psutil.Process(server.proc.pid).children(recursive=True):
-        try:
-            if "scheduler" not in " ".join(p.cmdline()):
-                continue
-            with open(f"/proc/{p.pid}/status") as f:
-                peak = max(peak, next(int(line.split()[1]) for line in f if line.startswith("VmHWM")))
-        except (psutil.Error, OSError, StopIteration):
-            continue
-    return peak / 1024
 
 
 def _scored(server, prompt):
@@ -68,7 +54,7 @@ def test_long_prompt_in_chunks_equals_stock_mla(tmp_path_factory):
         mla.wait_ready(), tpla.wait_ready()
         lp_mla, first_mla, tok_mla = _scored(mla, prompt)
         lp_tpla, first_tpla, tok_tpla = _scored(tpla, prompt)
-        rss = _peak_rss_mib(mla), _peak_rss_mib(tpla)
+        rss = scheduler_peak_mib(mla), scheduler_peak_mib(tpla)
         chunks = tpla.log_text().count("Prefill batch")
     finally:
         mla.stop(), tpla.stop()

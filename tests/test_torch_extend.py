@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from sglang_tpla.kernels.torch_extend import extend_attention, memory_bound_bytes, plan_extend, tile_sizes
+from sglang_tpla.kernels.torch_extend import extend_attention, plan_extend, tile_sizes
 from sglang_tpla.reference import latent_attention
 
 

@@ -47,11 +47,10 @@ from .kernels import (
     _kctx,
     _randn,
     _x,
-    add_speedups,
+    emit_report,
     cudagraph_timer,
     device_ceilings,
     roofline_fields,
-    side_by_side,
     variants,
 )
 
@@ -225,15 +224,7 @@ def main(argv=None):
         r = run_layer_case(c, device, timer, spec=spec, meas=meas)
         rows.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
-    add_speedups(rows)
-    print(f"## One decode layer step per rank, {torch.cuda.get_device_name(device)}, bf16\n")
-    print(table(rows))
-    print()
-    print(side_by_side(rows))
-    if args.out:
-        with open(args.out, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    emit_report(rows, f"## One decode layer step per rank, {torch.cuda.get_device_name(device)}, bf16\n", args.out, table)
 
 
 if __name__ == "__main__":

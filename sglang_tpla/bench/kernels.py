@@ -422,13 +422,19 @@ def main(argv=None):
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
         where = "CPU (PyTorch path: a smoke test, not a GPU claim)"
+    emit_report(rows, f"## Per-rank decode attention, one layer, {where}\n", args.out)
+
+
+def emit_report(rows: list[dict], heading: str, out: str | None, table_fn=None) -> None:
+    """Speedups vs MLA, the markdown tables on stdout (``table_fn``: the per-row table, default
+    :func:`table`), and the rows as JSON lines in ``out``."""
     add_speedups(rows)
-    print(f"## Per-rank decode attention, one layer, {where}\n")
-    print(table(rows))
+    print(heading)
+    print((table_fn or table)(rows))
     print()
     print(side_by_side(rows))
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
 
