@@ -104,6 +104,10 @@ def test_install_when_selected_registers_its_hooks(cpu_platform, monkeypatch):
         "sglang.srt.utils.numa_utils.init_threads_binding": [HookType.AFTER],
         "sglang.srt.utils.common.get_free_cpu_memory": [HookType.AROUND],
         "sglang.srt.disaggregation.mooncake.conn.MooncakeKVSender.__init__": [HookType.AFTER],
+        # block-FP8 checkpoints on the CPU: a plain-PyTorch block-FP8 GEMM and fp32 activations
+        "sglang.srt.layers.quantization.fp8.Fp8Config.get_supported_act_dtypes": [HookType.AFTER],
+        "sglang.srt.layers.quantization.fp8_utils.block_quant_to_tensor_quant": [HookType.REPLACE],
+        "sglang.srt.layers.quantization.fp8_utils.dispatch_w8a8_block_fp8_linear": [HookType.AROUND],
     }
     sender = SimpleNamespace(supports_host_tensor_indices=True)
     cpu_platform._no_host_tensor_indices(None, sender)
