@@ -130,7 +130,10 @@ def _method_name(module) -> str:
     qc = getattr(qm, "quant_config", None)
     name = qc.get_name() if qc is not None and hasattr(qc, "get_name") else type(qm).__name__
     w = getattr(module, "weight", None)
-    return f"{name} ({type(qm).__name__}, weight {getattr(w, 'dtype', 'absent')})"
+    scales = ("block scales weight_scale_inv" if getattr(module, "weight_scale_inv", None) is not None
+              else "per-tensor/channel weight_scale, no block scales" if getattr(module, "weight_scale", None) is not None
+              else "no scales")
+    return f"{name} ({type(qm).__name__}, weight {getattr(w, 'dtype', 'absent')}, {scales})"
 
 
 def quant_kind(module) -> str:

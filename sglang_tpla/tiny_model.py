@@ -173,9 +173,10 @@ FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # Linear weights DeepSeek-V3 stores in FP8 (attention projections and MLP / expert projections);
 # everything else (embed_tokens, lm_head, every RMSNorm gain incl. q_a_layernorm / kv_a_layernorm,
 # the MoE router ``mlp.gate`` and its ``e_score_correction_bias``) stays in the model dtype.
-# SGLang's Fp8Config.get_quant_method quantizes every LinearBase layer it builds (and only those):
-# ParallelLMHead / VocabParallelEmbedding are not LinearBase, the router is a plain ReplicatedLinear
-# built without the quant config.
+# SGLang's Fp8Config.get_quant_method quantizes every LinearBase layer (and FusedMoE experts) not in
+# ignored_layers, and nothing else: ParallelLMHead / VocabParallelEmbedding are not LinearBase and
+# the router (MoEGate) holds a plain parameter.  For MLA, SGLang's DeepSeek loader then dequantizes
+# kv_b_proj into w_kc / w_vc at load (bf16 on CUDA; the CPU platform: the model dtype).
 _FP8_LINEARS = (
     "self_attn.q_a_proj.weight", "self_attn.q_b_proj.weight", "self_attn.q_proj.weight",
     "self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight",
