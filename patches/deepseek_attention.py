@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 _MLA_CLS = "sglang.srt.models.deepseek_v2.DeepseekV2AttentionMLA"

@@ -2,7 +2,6 @@
 block-FP8 linear, TPLA's fold into dequantized FP8 projections, the head-peer collectives."""
 
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
