@@ -133,3 +133,12 @@ def test_cli_prints_the_tables():
     assert "| DeepSeek-V3 g=2 | 1.18 GB | 122 |" in out
     assert shapes.readme_table() in out
 
+
+
+def test_readme_table_is_the_computed_one():
+    assert shapes.readme_table() in (REPO / "README.md").read_text()
+
+
+def test_serving_docs_tables_are_the_computed_ones():
+    text = (REPO / "docs" / "serving.md").read_text()
+    assert shapes.memory_table() in text and shapes.qo_table() in text
