@@ -316,6 +316,9 @@ def memory_table(shapes=(DEEPSEEK_V3, KIMI_K2), tp: int = 8, groups=(2, 4), card
             t16 = kv_pool_tokens(s, w, g, 2, card, frac, tp)
             t8 = kv_pool_tokens(s, w, g, 1, card, frac, tp)
             base = base or t16
+            if pool <= 0:
+                lines.append(f"| {s.name} {label} | {_gb(w)} | weights do not fit | 0 | 0 | - |")
+                continue
             lines.append(f"| {s.name} {label} | {_gb(w)} | {_gb(pool)} | {t16:,} | {t8:,} | {t16 / base:.2f}x |")
     return "\n".join(lines)
 

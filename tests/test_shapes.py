@@ -142,3 +142,9 @@ def test_readme_table_is_the_computed_one():
 def test_serving_docs_tables_are_the_computed_ones():
     text = (REPO / "docs" / "serving.md").read_text()
     assert shapes.memory_table() in text and shapes.qo_table() in text
+
+
+def test_cli_at_tp4_says_the_weights_do_not_fit():
+    r = subprocess.run([sys.executable, "-m", "sglang_tpla.shapes", "--tp", "4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| DeepSeek-V3 MLA | 169.70 | weights do not fit |" in r.stdout  # ~170 GB per rank on a 151 GB card
