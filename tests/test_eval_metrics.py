@@ -96,7 +96,9 @@ def test_reference_modes_of_calibrated_variants(tmp_path):
 
     key, rots, mode = reference_mode(make_variant("fit", 2, "pd_sep", calibration=path), 2, cal)
     assert key == "fit:g=2" and rots is cal.fitted[2]
-    assert mode.mu == [[1.0 / float(p) for p in cal.shard_energy_fractions(i, 2, "fit")] for i in range(2)]
+    energy = (x @ cal.fitted[2][0].double()).pow(2).sum(0)  # p_j measured on the data, not from the file's moments
+    want = [float(energy.sum() / energy[:256].sum()), float(energy.sum() / energy[256:].sum())]
+    assert torch.allclose(torch.tensor(mode.mu), torch.tensor([want, want]), rtol=1e-9), (mode.mu, want)
     key, rots, mode = reference_mode(make_variant("pca", 2, "pd_sep", calibration=path), 2, cal)
     assert key == "pca" and rots is cal.rotations and mode.mu[0][1] > mode.mu[0][0]  # the weak shard is scaled up
     key, rots, mode = reference_mode(make_variant("hadamard", 2, "tpla", mu="one"), 2, None)

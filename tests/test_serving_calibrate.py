@@ -121,14 +121,15 @@ def test_fit_transform_served_matches_reference(tmp_path_factory):
     seqs = [torch.randint(4, 250, (48,), generator=gen).tolist() for _ in range(3)]
     rows = [ref.sd[f"model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight"][:512] for i in range(ref.num_layers)]
     ident = ModelIdentity("DeepseekV3ForCausalLM", 512, ref.num_layers, weights_hash(rows))
-    means, qm = [], []
+    means, qm, us = [], [], []
     for i in range(ref.num_layers):
         q = torch.cat([_absorbed_queries(ref, s, i) for s in seqs])
         qm.append(q.T @ q / q.shape[0])
     for s in seqs:
         cache = ref.new_cache()
         ref.forward(s, 0, cache, AttentionMode("mla"), decode=False)
-        means.append([normalize_latent(layer["c"], ref.eps, "exact").double().mean(0) for layer in cache])
+        us.append([normalize_latent(layer["c"], ref.eps, "exact").double() for layer in cache])
+        means.append([u.mean(0) for u in us[-1]])
     key_means = [sum(m[i] for m in means) / len(means) for i in range(ref.num_layers)]
     cal = Calibration.from_moments(ident, ref.latent_second_moments(seqs), 144, key_means=key_means, query_moments=qm)
     fit_calibration(cal, [2], steps=5, log=print)
@@ -136,7 +137,13 @@ def test_fit_transform_served_matches_reference(tmp_path_factory):
     path = cal.save(logs / "calib.pt")
     cfg, sd = load_model(model_dir, dtype=torch.float32)
     fitted = ReferenceDeepseek(cfg, fold_state_dict(sd, dict(enumerate(cal.rotations_for("fit", 2)))))
-    mu = [[1.0 / float(p) for p in cal.shard_energy_fractions(i, 2, "fit")] for i in range(ref.num_layers)]
+    mu = []  # 1/p_j with p_j measured here on the keys themselves (not from the file's moments)
+    for i in range(ref.num_layers):
+        rotated = torch.cat([u[i] for u in us]) @ cal.rotations_for("fit", 2)[i].double()
+        energy = rotated.pow(2).sum(0)
+        mu.append([float(energy.sum() / energy[:256].sum()), float(energy.sum() / energy[256:].sum())])
+    file_mu = [[1.0 / float(p) for p in cal.shard_energy_fractions(i, 2, "fit")] for i in range(ref.num_layers)]
+    assert torch.allclose(torch.tensor(mu), torch.tensor(file_mu), rtol=1e-9), (mu, file_mu)
     opts = f'{{"tpla": {{"g": 2, "transform": "fit", "mu": "inv_p", "calibration": "{path}"}}}}'
     server = ServerProcess(
         model_dir, tp=2, env=BUDGET, log_path=logs / "tpla-fit.log", name="tpla-tp2-fit", startup_timeout=1800,

@@ -31,7 +31,27 @@ def _calibration(ref, path):
     ident = ModelIdentity("DeepseekV3ForCausalLM", 512, ref.num_layers, weights_hash(rows))
     cal = Calibration.from_moments(ident, ref.latent_second_moments(seqs), 120, lsq_pairs=(queries, keys))
     cal.save(path)
-    return cal
+    return cal, queries, keys
+
+
+def _lsq_mu_direct(queries, keys, rotation, g, eps):
+    """mu_j computed here, not by the calibration code: per latent group a one-column least-squares
+    solve (torch.linalg.lstsq) of the group's partial logit, with its key slice locally
+    RMS-normalised in the rotated basis, against the exact logit computed in the original basis."""
+    mus = []
+    for q, k in zip(queries, keys):
+        q, k = q.double(), k.double()
+        exact = torch.einsum("nr,nr->n", q, k)
+        qr, kr = q @ rotation.double(), k @ rotation.double()
+        w = q.shape[1] // g
+        row = []
+        for j in range(g):
+            ks = kr[:, j * w:(j + 1) * w]
+            ks = ks / torch.sqrt((ks * ks).mean(-1, keepdim=True) + eps)  # sqrt(g * p_j) = 1 for p_j = 1/g
+            part = (qr[:, j * w:(j + 1) * w] * ks).sum(-1, keepdim=True)
+            row.append(float(torch.linalg.lstsq(part, exact.unsqueeze(-1)).solution))
+        mus.append(row)
+    return mus
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +59,24 @@ def setup(tmp_path_factory):
     model_dir = tiny_model(tmp_path_factory, seed=2)
     logs = tmp_path_factory.mktemp("logs")
     cal_path = logs / "calib.pt"
-    cal = _calibration(reference(model_dir), cal_path)
+    cal, queries, keys = _calibration(reference(model_dir), cal_path)
     opts = f'{{"tpla": {{"g": 2, "transform": "hadamard", "norm": "local", "mu": "lsq", "calibration": "{cal_path}"}}}}'
     server = ServerProcess(
         model_dir, tp=2, env=BUDGET, log_path=logs / "tpla-local.log", name="tpla-tp2-local", startup_timeout=1800,
         args=FP32 + ["--decode-attention-backend", "tpla", "--json-model-override-args", opts],
     )
     with server:
-        yield model_dir, cal, server
+        yield model_dir, cal, queries, keys, server
 
 
 def test_local_norm_and_lsq_mu_match_pd_sep_reference(setup):
-    model_dir, cal, server = setup
+    model_dir, cal, queries, keys, server = setup
     ref = reference(model_dir, "hadamard", seed=0)
     had = make_rotation("hadamard", 512, seed=0)
-    mu = cal.logit_scales("lsq", 2, rotations=[had] * ref.num_layers, norm="local", eps=ref.eps)
+    mu = _lsq_mu_direct(queries, keys, had, 2, ref.eps)  # what the server must have derived from the file
     print("lsq mu per layer (g=2, hadamard, local norm):", mu)
+    file_mu = cal.logit_scales("lsq", 2, rotations=[had] * ref.num_layers, norm="local", eps=ref.eps)
+    assert all(abs(a - b) < 1e-9 * max(1.0, abs(a)) for ra, rb in zip(mu, file_mu) for a, b in zip(ra, rb)), (mu, file_mu)
     assert any(abs(m - 1.0) > 1e-3 for row in mu for m in row)  # a real scale, not the identity
     rows = served_vs_reference(server, ref, AttentionMode("pd_sep", g=2, norm="local", mu=mu))
     print("local norm + lsq (cached, tokens equal, max|dlogprob|):", rows)

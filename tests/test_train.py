@@ -158,20 +158,26 @@ def _asset_windows(n: int, seq_len: int = 256) -> torch.Tensor:
 
 @needs_asset
 def test_asset_learned():
-    heldout_ppl, unigram_ppl = _recorded("heldout_ppl"), _recorded("unigram_ppl")
-    # learned, though not converged (1151 steps, 2.4M tokens, 50 min on 2 CPU cores; recorded 0.36x unigram):
-    # see TRAINING.md
-    assert heldout_ppl < 0.45 * unigram_ppl
+    """The shipped model beats a unigram model of the held-out text, both measured here (not the numbers
+    TRAINING.md records; those are then checked against this measurement): two held-out windows scored
+    by the model and by an add-one unigram fit on every other held-out window."""
     cfg, sd = load_model(ASSET)
     ref = ReferenceDeepseek(cfg, sd)
-    nll, n = 0.0, 0
-    for w in _asset_windows(2):
+    all_wins = _asset_windows(10**6)
+    wins, rest = all_wins[:2], all_wins[2:].reshape(-1)
+    targets = wins[:, 1:].reshape(-1)
+    counts = torch.bincount(rest, minlength=cfg["vocab_size"]).double() + 1.0
+    unigram_ppl = math.exp(float(-(counts[targets] / counts.sum()).log().mean()))
+    nll = 0.0
+    for w in wins:
         logits = ref.forward(w[:-1].tolist(), 0, ref.new_cache(), AttentionMode("mla"), decode=False)
         nll += float(F.cross_entropy(logits, w[1:], reduction="sum"))
-        n += w.numel() - 1
-    ppl = math.exp(nll / n)
+    ppl = math.exp(nll / targets.numel())
+    print(f"held-out sample: model ppl {ppl:.1f}, unigram ppl (fit on the other held-out windows) {unigram_ppl:.1f} "
+          f"(TRAINING.md: {_recorded('heldout_ppl')} / {_recorded('unigram_ppl')} over all windows)")
     assert ppl < 0.6 * unigram_ppl
-    assert ppl < 2.0 * heldout_ppl  # a 2-window sample of the recorded number
+    # the recorded numbers describe this model: the 2-window sample is within 2x of the recorded held-out ppl
+    assert 0.5 * _recorded("heldout_ppl") < ppl < 2.0 * _recorded("heldout_ppl")
 
 
 @needs_asset
