@@ -31,11 +31,14 @@ def test_reference_matches_hf_transformers(tmp_path, q_lora_rank):
     torch.testing.assert_close(step, hf, rtol=1e-4, atol=1e-4)
 
 
-def test_pd_sep_g1_is_mla_bit_for_bit(tiny_cfg, tiny_sd):
+def test_pd_sep_g1_is_mla_bit_for_bit(tiny_cfg, tiny_sd, tmp_path):
     m = ReferenceDeepseek(tiny_cfg, tiny_sd)
     mla = m.score(IDS, 6, AttentionMode("mla"))
     assert torch.equal(m.score(IDS, 6, AttentionMode("pd_sep", g=1)), mla)
     assert torch.equal(m.score(IDS, 6, AttentionMode("tpla", g=1)), mla)
+    # g=1 vs an MLA that shares no code with the reference (HF transformers), so this test can fail
+    save_model(tmp_path, tiny_cfg, tiny_sd)
+    torch.testing.assert_close(m.score(IDS, 6, AttentionMode("tpla", g=1)), hf_logits(tmp_path, IDS), rtol=1e-4, atol=1e-4)
 
 
 def test_pd_sep_prefill_exact_decode_approximate(tiny_cfg, tiny_sd):
