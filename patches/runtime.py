@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sglang_tpla.config import TPLAConfig, check_server_compat, from_sources, validate_for_model
+from sglang_tpla.config import TPLAConfig, from_sources, validate_for_model
 from sglang_tpla.layout import RankSlice, TPLALayout
 
 logger = logging.getLogger("sglang_tpla")
@@ -30,10 +30,6 @@ class TPLARuntime:
 
 _cache: dict[int, TPLARuntime | None] = {}
 _current: TPLARuntime | None = None
-
-# PD transfer backends that know the sliced TPLA pool (patches/disaggregation.py); 'fake'
-# moves no data (decode-only benchmarking with --fake-prefill).
-PD_BACKENDS = ("mooncake", "mooncake_tcp", "fake")
 
 
 @dataclass(frozen=True)
@@ -98,24 +94,16 @@ def runtime_for(hf_config) -> TPLARuntime | None:
         return _cache[key]
     rt = None
     opts = getattr(hf_config, "tpla", None)
+    if not _cache:  # once per process: patches/server_args.py refused these at argument resolution already;
+        # again here on the resolved values, for a launcher that resolved its arguments before loading plugins
+        from sglang.srt.runtime_context import get_server_args
+
+        from sglang_tpla.patches.server_args import check
+
+        check(get_server_args(), resolved=True, warn=False)
     if tpla_requested():
-        from sglang.srt.runtime_context import get_parallel, get_server_args
+        from sglang.srt.runtime_context import get_parallel
 
-        args = get_server_args()
-        check_server_compat(
-            getattr(args, "attn_dp_size", 1), getattr(args, "dcp_size", 1), getattr(args, "pp_size", 1),
-            getattr(args, "speculative_algorithm", None), bool(getattr(args, "enable_mixed_chunk", False)),
-        )
-        mode = _disagg_mode()
-        backend = str(getattr(args, "disaggregation_transfer_backend", "mooncake"))
-        if mode == "decode" and backend not in PD_BACKENDS:
-            from sglang_tpla.config import TPLAConfigError
-
-            raise TPLAConfigError(
-                f"TPLA decode nodes receive latent slices only over --disaggregation-transfer-backend "
-                f"{'|'.join(PD_BACKENDS[:2])} (got {backend}): other backends would write full 576-wide rows into "
-                "the sliced pool. Use mooncake, or drop --decode-attention-backend tpla on this node."
-            )
         par = get_parallel()
         cfg = from_sources(opts)
         layout = validate_for_model(cfg, hf_config, par.attn_tp_size)

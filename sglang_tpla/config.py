@@ -155,23 +155,86 @@ def validate_for_model(cfg: TPLAConfig, hf_config, attn_tp_size: int) -> TPLALay
     return TPLALayout(attn_tp_size, g, hf_config.num_attention_heads, kv_lora_rank, hf_config.qk_rope_head_dim)
 
 
+# PD transfer backends that know the sliced TPLA pool (patches/disaggregation.py); 'fake'
+# moves no data (decode-only benchmarking with --fake-prefill).
+PD_BACKENDS = ("mooncake", "mooncake_tcp", "fake")
+# SGLANG_TPLA_* variables that are not TPLA options: test / tooling knobs that must keep working with TPLA off
+# (CPU platform, calibration capture, PD staging and digests, run.sh), and the decode kernel choice, which does
+# nothing unless TPLA is on (a warning then).
+TOOLING_ENV = (
+    "SGLANG_TPLA_CPU_MEM_GB", "SGLANG_TPLA_CPU_MEM_COUNT_WEIGHTS", "SGLANG_TPLA_CPU_TRACE_ATTN",
+    "SGLANG_TPLA_CALIBRATE_DIR", "SGLANG_TPLA_CALIBRATE_PAIRS", "SGLANG_TPLA_PD_DIGEST_DIR",
+    "SGLANG_TPLA_PD_STAGING_MB", "SGLANG_TPLA_ENV_ROOT",
+)
+TPLA_ONLY_ENV = ("SGLANG_TPLA_IMPL",)
+
+
 def check_server_compat(
-    attn_dp_size: int = 1, dcp_size: int = 1, pp_size: int = 1, speculative_algorithm=None, enable_mixed_chunk: bool = False
-) -> None:
-    """Refuse SGLang features the TPLA decode path does not support (fail closed at start)."""
-    problems = []
-    if enable_mixed_chunk:  # decode tokens inside an extend batch would run exact MLA, not TPLA
-        problems.append("mixed chunks (--enable-mixed-chunk: their decode tokens would attend as prefill)")
-    if (attn_dp_size or 1) > 1:
-        problems.append(f"DP attention (--attn-dp-size {attn_dp_size})")
-    if (dcp_size or 1) > 1:
-        problems.append(f"decode context parallelism (--dcp-size {dcp_size})")
-    if (pp_size or 1) > 1:
-        problems.append(f"pipeline parallelism (--pp-size {pp_size})")
-    if speculative_algorithm:
-        problems.append(f"speculative decoding (--speculative-algorithm {speculative_algorithm})")
-    if problems:
-        raise TPLAConfigError(
-            "TPLA (--decode-attention-backend tpla) does not support " + ", ".join(problems)
-            + "; drop those flags or serve without TPLA."
-        )
+    attn_dp_size: int = 1, dcp_size: int = 1, pp_size: int = 1, speculative_algorithm=None,
+    enable_mixed_chunk: bool = False, *, tpla_on: bool = True, enable_dp_attention: bool = False,
+    disaggregation_mode: str = "null", transfer_backend: str = "mooncake", tpla_json=None,
+    environ=None, converted: dict | None = None,
+) -> list[str]:
+    """Every refusal that SGLang's server arguments alone decide, before anything is loaded.
+
+    ``tpla_on``: the server was given the ``tpla`` attention backend; ``tpla_json``: the ``"tpla"``
+    object of ``--json-model-override-args``; ``environ``: the environment (None = empty);
+    ``converted``: the ``tpla_transform`` record of the checkpoint's config.json
+    (``python -m sglang_tpla.convert``), if any.  Raises :class:`TPLAConfigError` naming the fix;
+    returns warnings for settings that do nothing here.
+    """
+    env = {} if environ is None else environ
+    warnings = [
+        f"{k} is not a TPLA setting (ignored); known ones: see docs/serving.md"
+        for k in sorted(env)
+        if k.startswith("SGLANG_TPLA_") and k not in _ENV.values() and k not in TOOLING_ENV + TPLA_ONLY_ENV
+    ]
+    if tpla_on:
+        problems = []
+        if enable_mixed_chunk:  # decode tokens inside an extend batch would run exact MLA, not TPLA
+            problems.append("mixed chunks (--enable-mixed-chunk: their decode tokens would attend as prefill)")
+        if enable_dp_attention or (attn_dp_size or 1) > 1:
+            # DP attention shrinks the attention TP group (to 1 rank at --tp N --dp-size N --enable-dp-attention),
+            # so nothing would be split; TPLA inside each DP group is not tested against the reference.
+            flag = "--enable-dp-attention" if enable_dp_attention else f"--attn-dp-size {attn_dp_size}"
+            problems.append(f"DP attention ({flag}: TPLA splits the latent over the attention TP group, which DP attention shrinks)")
+        if (dcp_size or 1) > 1:
+            problems.append(f"decode context parallelism (--dcp-size {dcp_size})")
+        if (pp_size or 1) > 1:
+            problems.append(f"pipeline parallelism (--pp-size {pp_size})")
+        if speculative_algorithm:
+            problems.append(f"speculative decoding (--speculative-algorithm {speculative_algorithm})")
+        if problems:
+            raise TPLAConfigError(
+                "TPLA (--decode-attention-backend tpla) does not support " + ", ".join(problems)
+                + "; drop those flags or serve without TPLA."
+            )
+        if disaggregation_mode == "decode" and transfer_backend not in PD_BACKENDS:
+            raise TPLAConfigError(
+                f"TPLA decode nodes receive latent slices only over --disaggregation-transfer-backend "
+                f"{'|'.join(PD_BACKENDS[:2])} (got {transfer_backend}): other backends would write full 576-wide rows "
+                "into the sliced pool. Use mooncake, or drop --decode-attention-backend tpla on this node."
+            )
+    env_opts = [f"{v}={env[v]}" for v in _ENV.values() if env.get(v) not in (None, "")]
+    used = tpla_on or (disaggregation_mode == "prefill" and bool(tpla_json))
+    if not used:
+        given = (['"tpla" in --json-model-override-args'] if tpla_json else []) + env_opts
+        if given:
+            raise TPLAConfigError(
+                f"TPLA options were given ({', '.join(given)}) but TPLA is off: add --decode-attention-backend tpla "
+                "(or, for a PD prefill node that folds the same transform, --disaggregation-mode prefill with the "
+                'options in --json-model-override-args \'{"tpla": {...}}\'), or drop the options.'
+            )
+        warnings += [f"{k}={env[k]} does nothing: TPLA is off" for k in TPLA_ONLY_ENV if env.get(k) not in (None, "")]
+        return warnings
+    cfg = from_sources(tpla_json or None, env)  # option values are checked here, before anything loads
+    # pca / fit are identified by their calibration file's content; without a readable one they are refused at load
+    comparable = cfg.transform not in ("pca", "fit") or (cfg.calibration and Path(cfg.calibration).is_file())
+    if converted and comparable:
+        if converted.get("fingerprint") != cfg.fingerprint():
+            raise TPLAConfigError(
+                f"TPLA: this checkpoint was converted with transform {converted.get('fingerprint')!r} "
+                f"(tpla_transform in its config.json), but the server is configured for {cfg.fingerprint()!r}; set "
+                "the same transform (and seed / calibration file) or serve the unconverted checkpoint."
+            )
+    return warnings

@@ -1,9 +1,10 @@
 """SGLang plugin entry point (group ``sglang.srt.plugins``): installs every hook of this package.
 
-SGLang calls :func:`register` in every process it starts (HTTP server, each scheduler /
-TP worker, detokenizer) before the model, KV pool and attention backends are built, then
-applies the ``HookRegistry`` hooks.  Each hook module in ``patches/`` registers only what
-its SGLang area needs and documents the exact target it patches.
+SGLang calls :func:`register` in every process it starts (the launching process before it
+resolves the server arguments, each scheduler / TP worker, detokenizer) before the model, KV
+pool and attention backends are built, then applies the ``HookRegistry`` hooks.  Each hook
+module in ``patches/`` registers only what its SGLang area needs and documents the exact
+target it patches.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 # One module per SGLang area; each exposes install().
 HOOK_MODULES = (
+    "sglang_tpla.patches.server_args",  # refusals at argument resolution, in the launching process
     "sglang_tpla.patches.cpu_platform",
     "sglang_tpla.patches.attention_backend",
     "sglang_tpla.patches.kv_pool",

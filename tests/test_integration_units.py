@@ -42,7 +42,7 @@ def test_unsupported_sglang_features_are_refused():
 
     check_server_compat()  # plain TP is fine
     for kwargs, needle in (
-        (dict(attn_dp_size=2), "DP attention (--attn-dp-size 2)"),
+        (dict(attn_dp_size=2), "DP attention (--attn-dp-size 2"),
         (dict(dcp_size=4), "--dcp-size 4"),
         (dict(pp_size=2), "--pp-size 2"),
         (dict(speculative_algorithm="EAGLE"), "speculative decoding"),
@@ -106,3 +106,5 @@ def test_every_hook_target_imports_from_installed_sglang():
                 obj = getattr(obj, attr)  # AttributeError = SGLang moved the target
             checked += 1
     assert checked >= 10
+    assert "sglang_tpla.patches.server_args" in plugin.HOOK_MODULES  # argument-time refusals (checked above)
+    assert importlib.import_module("sglang_tpla.patches.server_args").HOOK_TARGETS == ("sglang.srt.server_args.ServerArgs.resolve_once",)
