@@ -23,11 +23,27 @@ What it does (all through SGLang's plugin seams, no SGLang source change):
 * :func:`install` (called from the ``sglang.srt.plugins`` entry point in every process),
   only when the platform is selected:
 
-  - ``AttentionBackendRegistry.register("torch_native", -> MLA)``: DeepSeek prefill would
-    otherwise take the MHA path (the default handler is triton's), which torch_native
-    cannot serve from an MLA pool.  With ``SGLANG_TPLA_CPU_TRACE_ATTN=1`` the handler logs,
-    once per extend batch (layer 0), the method and the prefix/extend lengths, so a test
-    can see a radix-cache prefix hit go through the absorbed MLA extend.
+  - ``AttentionBackendRegistry.register("torch_native", ...)``: DeepSeek's forward method is
+    what a Hopper server picks, SGLang's own ``handle_attention_fa3`` (fa3 is SGLang 0.5.23's
+    default attention backend for MLA models on sm90:
+    ``arg_groups/model_override_base.get_default_attn_backend``).  A fresh prompt (no cached
+    prefix) gets ``MHA_ONE_SHOT``: SGLang's ``forward_normal_prepare`` writes the full latent
+    row into the KV pool and ``attn_mha`` attends over the new tokens' per-head K/V.  A prefix
+    hit or a later chunk of a chunked prefill gets the absorbed ``MLA`` path: SGLang itself
+    switches the chunked prefix cache off for torch_native
+    (``misc_utils.maybe_disable_chunked_prefix_cache``), so fa3's handler returns MLA for every
+    prefix, as Hopper does for prefixes under ``SGLANG_CHUNKED_PREFIX_CACHE_THRESHOLD`` (8192);
+    an MHA method with a prefix (which would read per-head K/V rebuilt from the pool) is mapped
+    to MLA here, and so is a fresh prompt with an fp8 KV cache (fa3's fp8 MHA rounds q/k/v, a
+    model neither torch_native nor the reference has; the absorbed path reads the stored rows).  With ``SGLANG_TPLA_CPU_TRACE_ATTN=1`` the handler logs, once per extend batch
+    (layer 0), the method it returns and the prefix/extend lengths, and the MHA hook below logs
+    each MHA extend it runs (layer 0), so a test can see which SGLang path served a batch.
+  - AROUND ``sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend``:
+    DeepSeek's MHA call (``attn_mha``: ``k``/``v`` given, ``save_kv_cache=False``, head dims
+    ``nope + rope`` and ``v_head_dim``) over an MLA pool is causal SDPA over the given q/k/v,
+    per request.  SGLang's torch_native extend always reads K/V from the pool's
+    buffers, which in an MLA pool are the latent rows, not these per-head keys.  Every other
+    extend (the absorbed MLA call, non-MLA models) is SGLang's own.
   - AFTER ``sglang.srt.utils.numa_utils.init_threads_binding``: pin each TP rank's process
     to its cores and thread count (SGLang pins only with AMX/arm64; without it TP=2
     throughput collapses ~10-30x on a small machine).
@@ -95,10 +111,16 @@ HOOK_TARGETS = (
     "sglang.srt.plugins.hook_registry.HookRegistry",
     "sglang.srt.plugins.hook_registry.HookType.AFTER",
     "sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods.AttnForwardMethod.MLA",
+    "sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods.AttnForwardMethod.MHA_ONE_SHOT",
+    "sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods.AttnForwardMethod.MHA_CHUNKED_KV",
     "sglang.srt.model_executor.cuda_graph_config.with_phase",
     "sglang.srt.model_executor.cuda_graph_config.Phase",
     "sglang.srt.model_executor.cuda_graph_config.Backend.DISABLED",
 )
+# DeepSeek's extend method: what SGLang's handler for the Hopper default (fa3) picks.
+HOPPER_HANDLER_TARGET = "sglang.srt.models.deepseek_common.attention_backend_handler.handle_attention_fa3"
+MHA_EXTEND_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend"
+HOOK_TARGETS = HOOK_TARGETS + (HOPPER_HANDLER_TARGET, MHA_EXTEND_TARGET)
 # Block-FP8 on CPU (registered with the rest, only when the platform is selected).
 FP8_DISPATCH_TARGET = "sglang.srt.layers.quantization.fp8_utils.dispatch_w8a8_block_fp8_linear"
 FP8_TENSOR_QUANT_TARGET = "sglang.srt.layers.quantization.fp8_utils.block_quant_to_tensor_quant"
@@ -230,21 +252,91 @@ class TPLACpuPlatform(CpuDeviceMixin, SRTPlatform):
                     resident_weight_bytes(model), resident_weight_bytes(model) / (1 << 20))
 
 
-def _mla_for_torch_native(attn, forward_batch):
+def _hopper_method(attn, forward_batch):
     """Handler for ``AttentionBackendRegistry`` key ``"torch_native"``
     (``sglang.srt.models.deepseek_common.attention_backend_handler.AttentionBackendRegistry``,
     consulted by ``sglang.srt.models.deepseek_v2.DeepseekV2AttentionMLA.dispatch_attn_forward_method``):
-    always the absorbed MLA path, which reads the prefix latent rows from the MLA pool."""
+    the method SGLang's ``handle_attention_fa3`` returns (a Hopper server's default), except that
+    an MHA method becomes the absorbed MLA path
+
+    * over a cached prefix (torch_native reads no chunked prefix; SGLang disables the chunked
+      prefix cache for it, so fa3's handler already returns MLA there), and
+    * with a quantized KV cache (``--kv-cache-dtype fp8_e4m3``): fa3 runs the MHA prefill on
+      fp8-cast q/k/v (``FlashAttentionBackend.prepare_paged_mha_query``), which neither
+      torch_native nor the project's fp32 reference models; the absorbed path attends over the
+      fp8 rows as stored, the rounding the served fp8 tests compare against.
+    """
+    from sglang.srt.models.deepseek_common.attention_backend_handler import handle_attention_fa3
     from sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods import AttnForwardMethod
 
+    method = handle_attention_fa3(attn, forward_batch)
+    mode = forward_batch.forward_mode
+    if not mode.is_extend():
+        return method
+    prefix = forward_batch.extend_prefix_lens_cpu
+    why = ""
+    if method in (AttnForwardMethod.MHA, AttnForwardMethod.MHA_ONE_SHOT, AttnForwardMethod.MHA_CHUNKED_KV):
+        kv = str(getattr(attn, "kv_cache_dtype", "auto"))
+        if prefix and any(prefix):
+            why = f" (fa3 picks {method.name}; torch_native reads no per-head prefix K/V)"
+        elif "fp8" in kv or "fp4" in kv:
+            why = f" (fa3 picks {method.name}; {kv} KV cache: the absorbed path reads the rounded rows)"
+        if why:
+            method = AttnForwardMethod.MLA
     if _TRACE and getattr(attn, "layer_id", 0) == 0:
-        mode = forward_batch.forward_mode
-        if mode.is_extend():
-            logger.info(
-                "tpla_cpu attn: torch_native -> MLA (absorbed), mode %s, prefix lens %s, extend lens %s",
-                getattr(mode, "name", mode), forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu,
-            )
-    return AttnForwardMethod.MLA
+        logger.info(
+            "tpla_cpu attn: torch_native -> %s, mode %s, prefix lens %s, extend lens %s%s",
+            method.name, getattr(mode, "name", mode), prefix, forward_batch.extend_seq_lens_cpu, why,
+        )
+    return method
+
+
+def _mha_extend(orig, self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+    """AROUND ``TorchNativeAttnBackend.forward_extend``: DeepSeek's MHA prefill over an MLA pool.
+
+    SGLang's ``forward_normal_core`` (methods MHA / MHA_ONE_SHOT / MHA_CHUNKED_KV) calls
+    ``attn_mha`` (``H`` heads, ``qk_head_dim = nope + rope``, ``v_head_dim``; 192 / 128 for
+    DeepSeek-V3) with ``k``/``v`` made from the new tokens' latent by ``kv_b_proj`` and
+    ``save_kv_cache=False`` (``_set_mla_kv_buffer`` has written the latent row already).
+    SGLang's torch_native extend would read K and V from the pool's buffers instead: in an MLA
+    pool those are the latent rows.  Here each request's queries attend causally over its own
+    given keys and values (``torch.nn.functional.scaled_dot_product_attention``, the layer's
+    scaling); every other extend is SGLang's own.  A cached prefix cannot be served here (its
+    per-head K/V are not in the call): the handler routes prefix hits to MLA, so one raises.
+
+    Which calls: an extend over an MLA pool (a pool with ``kv_lora_rank``) that brings its own
+    ``k``/``v`` and writes nothing (``save_kv_cache=False``).  SGLang's absorbed MLA call on
+    torch_native always writes (``forward_absorb_core``: ``save_kv_cache = True``); the head
+    dims cannot tell the two apart (TPLA g=4 rows are ``128 + 64``, DeepSeek's MHA head dim).
+    """
+    if save_kv_cache or k is None or v is None or not hasattr(self.token_to_kv_pool, "kv_lora_rank"):
+        return orig(self, q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+    from torch.nn.functional import scaled_dot_product_attention
+
+    prefix = forward_batch.extend_prefix_lens_cpu
+    if (prefix and any(prefix)) or getattr(forward_batch, "mha_return_lse", False):
+        raise NotImplementedError(
+            "tpla_cpu: torch_native runs DeepSeek's MHA prefill (attn_mha) only over the new tokens of requests "
+            f"without a cached prefix (prefix lens {prefix}); prefix hits take MLA"
+        )
+    lens = [int(n) for n in forward_batch.extend_seq_lens_cpu]
+    if _TRACE and layer.layer_id == 0:
+        logger.info("tpla_cpu attn: torch_native MHA extend (attn_mha, k/v given, no pool read), prefix lens %s, "
+                    "extend lens %s", prefix, lens)
+    h, hk = layer.tp_q_head_num, layer.tp_k_head_num
+    q_ = q.reshape(-1, h, layer.qk_head_dim)
+    k_ = k.reshape(-1, hk, layer.qk_head_dim).to(q.dtype)
+    v_ = v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim).to(q.dtype)
+    o = q.new_empty(q_.shape[0], h, layer.v_head_dim)
+    start = 0
+    for n in lens:
+        s = slice(start, start + n)
+        o[s] = scaled_dot_product_attention(
+            q_[s].transpose(0, 1), k_[s].transpose(0, 1), v_[s].transpose(0, 1),
+            is_causal=True, scale=layer.scaling, enable_gqa=h != hk,
+        ).transpose(0, 1)
+        start += n
+    return o.view(-1, h * layer.v_head_dim)
 
 
 def _pin_rank(result, *args, **kwargs):
@@ -356,7 +448,8 @@ def install() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     _TRACE = os.environ.get(TRACE_ENV, "") not in ("", "0")
-    AttentionBackendRegistry.register("torch_native", _mla_for_torch_native)
+    AttentionBackendRegistry.register("torch_native", _hopper_method)
+    HookRegistry.register(MHA_EXTEND_TARGET, _mha_extend, HookType.AROUND)
     HookRegistry.register(PIN_TARGET, _pin_rank, HookType.AFTER)
     HookRegistry.register(FREE_MEM_TARGET, _fixed_free_memory, HookType.AROUND)
     HookRegistry.register(PD_SENDER_TARGET, _no_host_tensor_indices, HookType.AFTER)

@@ -104,6 +104,8 @@ def test_install_when_selected_registers_its_hooks(cpu_platform, monkeypatch):
         "sglang.srt.utils.numa_utils.init_threads_binding": [HookType.AFTER],
         "sglang.srt.utils.common.get_free_cpu_memory": [HookType.AROUND],
         "sglang.srt.disaggregation.mooncake.conn.MooncakeKVSender.__init__": [HookType.AFTER],
+        # DeepSeek's MHA prefill (attn_mha) on torch_native: SDPA over the given q/k/v
+        "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend": [HookType.AROUND],
         # block-FP8 checkpoints on the CPU: a plain-PyTorch block-FP8 GEMM and fp32 activations
         "sglang.srt.layers.quantization.fp8.Fp8Config.get_supported_act_dtypes": [HookType.AFTER],
         "sglang.srt.layers.quantization.fp8_utils.block_quant_to_tensor_quant": [HookType.REPLACE],
@@ -113,9 +115,136 @@ def test_install_when_selected_registers_its_hooks(cpu_platform, monkeypatch):
     cpu_platform._no_host_tensor_indices(None, sender)
     assert sender.supports_host_tensor_indices is False
     handler = backends.get_handler("torch_native")
-    fb = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: True, name="EXTEND"),
-                         extend_prefix_lens_cpu=[8], extend_seq_lens_cpu=[3])
-    assert handler(SimpleNamespace(layer_id=0), fb) is AttnForwardMethod.MLA
+    assert handler is cpu_platform._hopper_method
+    _serverless_handlers(monkeypatch)
+    assert handler(_attn(), _fb([8], [3])) is AttnForwardMethod.MLA
+    assert handler(_attn(), _fb([0], [8])) is AttnForwardMethod.MHA_ONE_SHOT
+
+
+# ------------------------------------------------------- extend methods: what a Hopper server takes
+
+
+def _serverless_handlers(monkeypatch):
+    """SGLang's handlers read ``get_exec().deterministic`` from the server's published config."""
+    from sglang.srt.models.deepseek_common import attention_backend_handler
+
+    off = SimpleNamespace(deterministic=SimpleNamespace(enable_deterministic_inference=False))
+    monkeypatch.setattr(attention_backend_handler, "get_exec", lambda: off)
+
+
+def _attn(disable_chunked_prefix_cache=True, kv_cache_dtype="auto"):
+    """The attributes SGLang's DeepSeek handlers read off ``DeepseekV2AttentionMLA``."""
+    return SimpleNamespace(layer_id=0, qk_rope_head_dim=64, chunked_prefix_cache_threshold=8192, kv_cache_dtype=kv_cache_dtype,
+                           disable_chunked_prefix_cache=disable_chunked_prefix_cache, flashinfer_mla_disable_ragged=False)
+
+
+def _fb(prefix, extend, mode="EXTEND"):
+    import torch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    return SimpleNamespace(forward_mode=getattr(ForwardMode, mode), extend_prefix_lens_cpu=list(prefix),
+                           extend_seq_lens_cpu=list(extend), seq_lens_cpu=torch.tensor([p + n for p, n in zip(prefix, extend)]),
+                           get_max_chunk_capacity=lambda: 128 * 1024)
+
+
+def test_extend_method_is_sglangs_fa3_pick_with_prefix_hits_on_mla(cpu_platform, monkeypatch, caplog):
+    """fa3 is SGLang 0.5.23's default for MLA models on Hopper; the platform returns its handler's pick:
+    MHA (one-shot) for a fresh prompt, the absorbed MLA path for prefix hits (SGLang disables the chunked
+    prefix cache for torch_native, and an MHA pick over a prefix, as with it on, is MLA here too); with an
+    fp8 KV cache the absorbed path for fresh prompts too."""
+    from sglang.srt.models.deepseek_common.attention_backend_handler import handle_attention_fa3
+    from sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods import AttnForwardMethod as M
+
+    _serverless_handlers(monkeypatch)
+    h = cpu_platform._hopper_method
+    fresh = _fb([0, 0], [8, 9])
+    assert h(_attn(), fresh) is handle_attention_fa3(_attn(), fresh) is M.MHA_ONE_SHOT
+    assert h(_attn(), _fb([6, 0], [3, 9])) is handle_attention_fa3(_attn(), _fb([6, 0], [3, 9])) is M.MLA
+    assert h(_attn(), _fb([1], [1], "DECODE")) is M.MLA
+    big = _fb([9000], [10])  # over SGLANG_CHUNKED_PREFIX_CACHE_THRESHOLD with the chunked prefix cache on
+    assert handle_attention_fa3(_attn(False), big) is M.MHA_ONE_SHOT and h(_attn(False), big) is M.MLA
+    # an fp8 KV cache: fa3's MHA would run on fp8-cast q/k/v; here the absorbed path reads the stored rows
+    fp8 = _attn(kv_cache_dtype="fp8_e4m3")
+    assert handle_attention_fa3(fp8, fresh) is M.MHA_ONE_SHOT and h(fp8, fresh) is M.MLA
+    monkeypatch.setattr(cpu_platform, "_TRACE", True)
+    with caplog.at_level("INFO", logger="sglang_tpla"):
+        h(_attn(), fresh)
+    assert "torch_native -> MHA_ONE_SHOT, mode EXTEND, prefix lens [0, 0], extend lens [8, 9]" in caplog.text
+
+
+def _native_backend(pool):
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    runner = SimpleNamespace(device="cpu", token_to_kv_pool=pool, req_to_token_pool=SimpleNamespace(req_to_token=None))
+    return TorchNativeAttnBackend(runner)
+
+
+def _mla_pool(kv_dtype=None, latent_range=None):
+    import torch
+
+    from sglang_tpla.patches.kv_pool import TPLAMLATokenToKVPool
+
+    return TPLAMLATokenToKVPool(
+        32, page_size=1, dtype=kv_dtype or torch.float32, kv_lora_rank=512, qk_rope_head_dim=64, layer_num=1,
+        device="cpu", enable_memory_saver=False, latent_range=latent_range or (0, 512), full_kv_lora_rank=512,
+    )  # fmt: skip
+
+
+def test_mha_extend_is_causal_attention_over_the_given_qkv(cpu_platform):
+    """DeepSeek's MHA call (attn_mha: 192-wide q/k, 128-wide v, save_kv_cache=False) over an MLA pool:
+    each request attends causally over its own given k/v; SGLang's torch_native would read the pool."""
+    import torch
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    torch.manual_seed(0)
+    h, lens, scale = 4, [5, 3], 0.1
+    layer = SimpleNamespace(layer_id=1, tp_q_head_num=h, tp_k_head_num=h, tp_v_head_num=h, qk_head_dim=192,
+                            v_head_dim=128, scaling=scale)
+    q, k, v = torch.randn(8, h, 192), torch.randn(8, h, 192), torch.randn(8, h, 128)
+    fb = _fb([0, 0], lens)
+    backend = _native_backend(_mla_pool())
+    out = cpu_platform._mha_extend(TorchNativeAttnBackend.forward_extend, backend, q, k, v, layer, fb, save_kv_cache=False)
+    want, start = [], 0
+    for n in lens:
+        s = slice(start, start + n)
+        logits = torch.einsum("qhd,khd->hqk", q[s], k[s]) * scale
+        logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        want.append(torch.einsum("hqk,khd->qhd", logits.softmax(-1), v[s]))
+        start += n
+    assert out.shape == (8, h * 128)
+    torch.testing.assert_close(out.view(8, h, 128), torch.cat(want), rtol=1e-5, atol=1e-5)
+    # everything else is SGLang's own extend (here: the absorbed call, which writes its row)
+    calls = []
+    cpu_platform._mha_extend(lambda *a, **kw: calls.append(kw) or "orig", backend, q, k, v, layer, fb, save_kv_cache=True)
+    assert calls == [{"save_kv_cache": True}]
+    with pytest.raises(NotImplementedError, match="prefix hits take MLA"):
+        cpu_platform._mha_extend(TorchNativeAttnBackend.forward_extend, backend, q, k, v, layer, _fb([2, 0], [3, 5]),
+                                 save_kv_cache=False)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "float8_e4m3fn"])
+def test_sglang_mha_prefill_writes_sliced_rows_into_the_tpla_pool(kv_dtype, monkeypatch):
+    """SGLang's own MHA prefill write (``DeepseekMHAForwardMixin._set_mla_kv_buffer``, the CPU branch: the
+    full 576-wide latent row through ``set_kv_buffer``) lands as this rank's latent slice + RoPE key."""
+    import torch
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc  # noqa: F401  (what the write goes through)
+    from sglang.srt.models.deepseek_common.attention_forward_methods import forward_mha
+    from sglang.srt.runtime_context import get_parallel
+
+    dtype = getattr(torch, kv_dtype)
+    pool = _mla_pool(dtype, latent_range=(256, 512))
+    monkeypatch.setattr(forward_mha, "get_token_to_kv_pool", lambda: pool)
+    torch.manual_seed(0)
+    latent = torch.randn(3, 1, 576)  # SGLang's fetched latent, [T, 1, 512 + 64]
+    kv_a, k_pe = torch.randn(3, 512), torch.randn(3, 1, 64)  # normalized latent, roped key
+    attn = SimpleNamespace(attn_mha=SimpleNamespace(layer_id=0), kv_lora_rank=512)
+    fb = SimpleNamespace(out_cache_loc=torch.tensor([4, 7, 9]), out_cache_loc_is_physical=False)
+    with get_parallel().override(dcp_enabled=False):
+        forward_mha.DeepseekMHAForwardMixin._set_mla_kv_buffer(attn, latent, kv_a, k_pe, fb)
+    got = pool.get_key_buffer(0)[torch.tensor([4, 7, 9])].view(3, -1)
+    want = torch.cat([kv_a[:, 256:], k_pe[:, 0]], dim=-1).to(dtype)
+    assert got.shape == (3, 320) and got.dtype == dtype
+    assert torch.equal(got.float(), want.float())
 
 
 def test_server_arg_defaults(cpu_platform, monkeypatch):

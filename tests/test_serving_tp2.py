@@ -1,5 +1,6 @@
 """Real SGLang servers on CPU at TP=2: TPLA g=2 against the fp32 reference, exact prefill,
-KV capacity, and SGLang's own serving benchmark."""
+KV capacity, SGLang's own serving benchmark, and which SGLang extend method serves a fresh prompt
+(MHA, as on a Hopper server) and a prefix hit (absorbed MLA)."""
 
 import re
 import subprocess
@@ -13,6 +14,10 @@ from serving_utils import BUDGET, FP32, NEW_TOKENS, PROMPTS, reference, served_v
 
 pytestmark = pytest.mark.slow
 
+# The CPU platform logs the extend method per batch (layer 0) and each MHA extend it runs.
+TRACE = {**BUDGET, "SGLANG_TPLA_CPU_TRACE_ATTN": "1"}
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return tiny_model(tmp_path_factory, seed=2)
@@ -25,14 +30,14 @@ def logs(tmp_path_factory):
 
 def _tpla(model_dir, logs, transform):
     return ServerProcess(
-        model_dir, tp=2, env=BUDGET, log_path=logs / f"tpla-{transform}.log", name=f"tpla-tp2-{transform}",
+        model_dir, tp=2, env=TRACE, log_path=logs / f"tpla-{transform}.log", name=f"tpla-tp2-{transform}",
         args=FP32 + ["--decode-attention-backend", "tpla", "--json-model-override-args", f'{{"tpla": {{"g": 2, "transform": "{transform}"}}}}'],
     )
 
 
 @pytest.fixture(scope="module")
 def mla_and_hadamard(model_dir, logs):
-    mla = ServerProcess(model_dir, tp=2, env=BUDGET, args=FP32, log_path=logs / "mla.log", name="mla-tp2")
+    mla = ServerProcess(model_dir, tp=2, env=TRACE, args=FP32, log_path=logs / "mla.log", name="mla-tp2")
     had = _tpla(model_dir, logs, "hadamard")
     mla.start(), had.start()
     try:
@@ -61,6 +66,25 @@ def test_first_token_is_exact_mla_and_decode_is_not(mla_and_hadamard):
         differs = max(differs, max(abs(a - b) for a, b in zip(lp_mla[1:], lp_tpla[1:])))
     print(f"TPLA g=2 decode vs MLA: max |dlogprob| {differs:.3e}")
     assert differs > 1e-3  # decode is TPLA, an approximation
+
+
+def test_fresh_prompt_takes_sglangs_mha_prefill_and_a_prefix_hit_the_absorbed_path(mla_and_hadamard):
+    """The extend method a Hopper server takes (SGLang's fa3 handler, the default for MLA models on sm90):
+    a fresh prompt runs SGLang's MHA prefill (``forward_normal_one_shot``: it writes the full 576-wide
+    latent rows, which TPLA's pool slices), a radix-cache prefix hit the absorbed MLA extend; stock MLA
+    and TPLA alike.  The fp32-reference comparisons above serve both paths."""
+    fresh, hit = [70, 71, 72, 73, 74, 75, 76, 77], [70, 71, 72, 73, 74, 75, 90, 91, 92]
+    for server in mla_and_hadamard:
+        before = len(server.log_text())
+        server.generate(fresh, 2)
+        _, _, meta = server.generate(hit, 2)
+        assert meta.get("cached_tokens", 0) == 6
+        log = server.log_text()[before:]
+        mha_runs = [line for line in log.splitlines() if "torch_native MHA extend" in line]
+        assert "torch_native -> MHA_ONE_SHOT, mode EXTEND, prefix lens [0], extend lens [8]" in log, log[-3000:]
+        assert any("prefix lens [0], extend lens [8]" in line for line in mha_runs), log[-3000:]
+        assert "torch_native -> MLA, mode EXTEND, prefix lens [6], extend lens [3]" in log, log[-3000:]
+        assert not any("prefix lens [6]" in line for line in mha_runs), mha_runs
 
 
 def test_kv_capacity_at_same_budget(mla_and_hadamard):
