@@ -9,10 +9,12 @@ from serving_utils import BUDGET, FP32, NEW_TOKENS, PROMPTS
 from sglang_tpla.pd_launch import PDDeployment, PDSpec
 
 
-def deploy(model, tmp_path_factory, prefill_tp: int, name: str):
+def deploy(model, tmp_path_factory, prefill_tp: int, name: str, page_size: int = 1):
+    """A PD deployment (prefill TP ``prefill_tp`` -> decode TP=2, g=2, Hadamard); ``page_size`` on both
+    nodes (GPU deployments use 16-64: the transfer moves whole pages of sliced rows)."""
     log_dir = tmp_path_factory.mktemp(name)
     spec = PDSpec(
-        model_path=str(model), prefill_tp=prefill_tp, decode_tp=2, g=2, transform="hadamard",
+        model_path=str(model), prefill_tp=prefill_tp, decode_tp=2, g=2, transform="hadamard", page_size=page_size,
         prefill_args=list(FP32), decode_args=list(FP32),
         env={**BUDGET, "SGLANG_TPLA_PD_DIGEST_DIR": str(log_dir / "digests")}, log_dir=str(log_dir),
     )

@@ -9,12 +9,14 @@ Runs ``sglang_tpla.eval`` on ``tests/assets/tiny-deepseek-trained`` (2 held-out 
   pd-sep server vs ``pd_sep``, TPLA-everywhere server vs ``tpla``), so the returned log-probs
   are the model's, not the forcing processor's, and every forced position after the first
   is a decode step;
-* the orderings the issue asks for, on the trained model: g=1 (the Hadamard-folded, unsliced
-  model) identical to MLA; pd-sep strictly better than TPLA everywhere (KL 1.04e-2 vs 1.13e-2
+* the ordering the issue asks for, on the trained model: pd-sep strictly better than TPLA everywhere (KL 1.04e-2 vs 1.13e-2
   in the fp32 reference on these documents; served = reference to ~1e-5, so the outcome is
   deterministic).  Exact RMSNorm is NOT better than the slice-local one on this model (reference
   KL 1.04e-2 exact vs 8.5e-3 local here; also in the full evaluation): reported in the README,
   not asserted.
+
+g=1 (the Hadamard-folded, unsliced model) equal to stock MLA is served in ``test_serving_tp1.py`` (and on
+FP8 weights in ``test_serving_fp8.py``); it is not repeated here, to spare a server.
 """
 
 import json
@@ -43,7 +45,7 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def result(model_dir, tmp_path_factory):
-    variants = ["hadamard:1:pd_sep", "hadamard:2:pd_sep", "hadamard:2:tpla"]
+    variants = ["hadamard:2:pd_sep", "hadamard:2:tpla"]
     argv = ["--model-path", str(model_dir), "--tp", "2", "--num-docs", "2", "--prompt-len", "24", "--gen-len", "24",
             "--data", "heldout", "--out", str(tmp_path_factory.mktemp("eval"))]
     for v in variants:
@@ -80,14 +82,6 @@ def test_forced_decode_distributions_match_reference(result, model_dir, name, ki
         worst = max(worst, float((dist - want).abs().max()))
     print(f"{name}: max |served - reference| over the full distribution, all forced positions: {worst:.2e}")
     assert worst < TOL
-
-
-def test_g1_folded_unsliced_is_mla(result):
-    r = _row(result, "hadamard g=1 pd-sep")
-    print({k: r[k] for k in ("kl_max", "max_abs_dlogprob", "top1_agreement", "greedy_equal_fraction")})
-    # fp32 rounding of the folded weights only (TPLA g=2 is at KL ~1e-2 on these documents)
-    assert r["max_abs_dlogprob"] < TOL and r["kl_max"] < 1e-5
-    assert r["top1_agreement"] == 1.0 and r["greedy_equal_fraction"] == 1.0
 
 
 def test_pd_sep_no_worse_than_tpla_everywhere(result):

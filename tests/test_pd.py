@@ -2,8 +2,8 @@
 
 One module-scoped set of processes per deployment (slow):
 
-* a single TPLA server (TP=2, g=2, Hadamard) gives the expected tokens and logprobs;
-* prefill TP=1 -> decode TP=2 through sglang_router, plus a second prefill node in another
+* the fp32 reference in pd-sep mode (TPLA g=2, Hadamard) gives the expected tokens and logprobs;
+* prefill TP=1 -> decode TP=2 through sglang_router (16-token pages), plus a second prefill node in another
   latent basis (identity) that the decode node must refuse.
 
 Prefill TP=2 -> decode TP=2 is in test_pd_tp2.py (its own module, so that the two
@@ -23,7 +23,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serving_utils import BUDGET, FP32, NEW_TOKENS, PROMPTS, tiny_model
+from serving_utils import FP32, NEW_TOKENS, PROMPTS, reference, tiny_model, tpla_mode
 
 from pd_utils import assert_same, check_digests, deploy, digests, served
 
@@ -40,17 +40,20 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(model, tmp_path_factory):
-    """Greedy tokens/logprobs of one ordinary TPLA server (exact prefill, TPLA decode)."""
-    log = tmp_path_factory.mktemp("single") / "server.log"
-    args = [*FP32, "--decode-attention-backend", "tpla", "--json-model-override-args", TPLA]
-    with ServerProcess(model, tp=2, args=args, env=BUDGET, log_path=log, name="tpla-single") as srv:
-        return [srv.generate(p, NEW_TOKENS)[:2] for p in PROMPTS]
+def ref(model):
+    return reference(model, "hadamard")
 
 
 @pytest.fixture(scope="module")
-def deployment_a(model, tmp_path_factory, expected):
-    dep = deploy(model, tmp_path_factory, 1, "pd-a")
+def expected(ref):
+    """Greedy tokens/logprobs of the fp32 reference in pd-sep mode (exact prefill, TPLA g=2 decode):
+    the oracle every single TPLA server is itself tested against (test_serving_tp2.py)."""
+    return [ref.generate(p, NEW_TOKENS, tpla_mode("pd_sep", 2, ref)) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def deployment_a(model, tmp_path_factory):
+    dep = deploy(model, tmp_path_factory, 1, "pd-a", page_size=16)  # pages of 16 tokens, the single server's are 1
     dep.build()
     # A prefill node in another basis (unrotated checkpoint), not behind the router.
     bport = free_port()
@@ -80,26 +83,36 @@ def _loads(url: str) -> dict:
         return json.loads(r.read())["loads"][0]
 
 
-def test_burst_through_router_no_failures_no_leaked_slots(deployment_a):
+def test_load_through_router_no_failures_no_leaked_slots(deployment_a, ref):
+    """200 requests, prompts of 16 to 2048 tokens (log-uniform) and 1 to 16 new tokens, at concurrency 16
+    through the router: zero failures, the decode node's used tokens back to idle, and a random sample of
+    the outputs equal to the fp32 pd-sep reference (all 200 would cost minutes of reference compute)."""
     dep, _ = deployment_a
     idle = _loads(dep.decode.url)["num_used_tokens"]
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(4, 40))] for _ in range(50)]
+    reqs = [([rng.randrange(3, 500) for _ in range(int(16 * 128 ** rng.random()))], rng.randrange(1, 17)) for _ in range(200)]
     failures = []
 
-    def one(p):
+    def one(req):
         try:
-            toks, _, _ = dep.generate(p, rng.randrange(1, 12))
-            return len(toks)
+            return dep.generate(*req)[:2]
         except Exception as e:  # noqa: BLE001
             failures.append(repr(e))
-            return 0
+            return None
 
-    with ThreadPoolExecutor(8) as pool:
-        lengths = list(pool.map(one, prompts))
+    with ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(one, reqs))
+    print(f"load: {len(reqs)} requests, prompt tokens {sum(len(p) for p, _ in reqs)} (max {max(len(p) for p, _ in reqs)}), "
+          f"failures {len(failures)}")
     assert not failures, failures[:3]
-    assert all(n > 0 for n in lengths)
+    assert all(len(toks) == n for (toks, _), (_, n) in zip(outs, reqs))
     assert _loads(dep.decode.url)["num_used_tokens"] == idle
+    mode = tpla_mode("pd_sep", 2, ref)
+    for i in rng.sample(range(len(reqs)), 6):
+        (prompt, n), (toks, lps) = reqs[i], outs[i]
+        want_toks, want_lps = ref.generate(prompt, n, mode)
+        assert toks == want_toks, (i, len(prompt))
+        assert max(abs(a - b) for a, b in zip(lps, want_lps)) < 1e-4, (i, len(prompt))
 
 
 def test_mismatched_basis_is_refused_before_any_transfer(deployment_a):

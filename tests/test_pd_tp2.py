@@ -1,4 +1,5 @@
-"""PD disaggregation on CPU, for real: prefill TP=2 (exact MLA) -> decode TP=2 (TPLA, g=2) over mooncake.
+"""PD disaggregation on CPU, for real: prefill TP=2 (exact MLA) -> decode TP=2 (TPLA, g=2) over mooncake,
+with 64-token pages on both nodes (as GPU deployments use).
 
 Each decode rank pulls from its own prefill rank.  The served tokens and logprobs are
 checked against the fp32 reference in pd-sep mode (exact prefill, TPLA decode), the oracle
@@ -24,6 +25,6 @@ def model(tmp_path_factory):
 def test_prefill_tp2_to_decode_tp2(model, tmp_path_factory):
     ref = reference(model, "hadamard")
     want = [ref.generate(p, NEW_TOKENS, tpla_mode("pd_sep", 2, ref)) for p in PROMPTS]
-    with deploy(model, tmp_path_factory, 2, "pd-tp2") as dep:
+    with deploy(model, tmp_path_factory, 2, "pd-tp2", page_size=64) as dep:
         assert_same(served(dep), want)
         check_digests(dep, len(PROMPTS))

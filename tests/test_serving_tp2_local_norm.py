@@ -1,5 +1,9 @@
 """Real SGLang server on CPU at TP=2, g=2, Hadamard: decode with the paper's local RMSNorm and
-least-squares logit scales (mu 'lsq' from a calibration file) matches the fp32 pd-sep reference."""
+least-squares logit scales (mu 'lsq' from a calibration file) matches the fp32 pd-sep reference.
+
+The server prefills in 3-token chunks (``--chunked-prefill-size 3``): every chunk after the first is an
+exact extend over a cached prefix on the latent-split pool, so the same comparison also checks chunked
+prefill (prompts of 8 and 9 tokens: at least 5 prefill batches)."""
 
 import pytest
 import torch
@@ -63,7 +67,7 @@ def setup(tmp_path_factory):
     opts = f'{{"tpla": {{"g": 2, "transform": "hadamard", "norm": "local", "mu": "lsq", "calibration": "{cal_path}"}}}}'
     server = ServerProcess(
         model_dir, tp=2, env=BUDGET, log_path=logs / "tpla-local.log", name="tpla-tp2-local", startup_timeout=1800,
-        args=FP32 + ["--decode-attention-backend", "tpla", "--json-model-override-args", opts],
+        args=FP32 + ["--decode-attention-backend", "tpla", "--json-model-override-args", opts, "--chunked-prefill-size", "3"],
     )
     with server:
         yield model_dir, cal, queries, keys, server
@@ -79,7 +83,9 @@ def test_local_norm_and_lsq_mu_match_pd_sep_reference(setup):
     assert all(abs(a - b) < 1e-9 * max(1.0, abs(a)) for ra, rb in zip(mu, file_mu) for a, b in zip(ra, rb)), (mu, file_mu)
     assert any(abs(m - 1.0) > 1e-3 for row in mu for m in row)  # a real scale, not the identity
     rows = served_vs_reference(server, ref, AttentionMode("pd_sep", g=2, norm="local", mu=mu))
-    print("local norm + lsq (cached, tokens equal, max|dlogprob|):", rows)
+    chunks = server.log_text().count("Prefill batch")
+    print("local norm + lsq, 3-token prefill chunks (cached, tokens equal, max|dlogprob|):", rows, "prefill batches:", chunks)
+    assert chunks >= 5  # two prompts of 8 and 9 tokens in 3-token chunks
     assert rows[1][0] >= 6, "second prompt should reuse the cached prefix"
     for cached, equal, diff in rows:
         assert equal and diff < 1e-4, rows
