@@ -111,6 +111,7 @@ HOOK_TARGETS = (
     "sglang.srt.plugins.hook_registry.HookRegistry",
     "sglang.srt.plugins.hook_registry.HookType.AFTER",
     "sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods.AttnForwardMethod.MLA",
+    "sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods.AttnForwardMethod.MHA",
     "sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods.AttnForwardMethod.MHA_ONE_SHOT",
     "sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods.AttnForwardMethod.MHA_CHUNKED_KV",
     "sglang.srt.model_executor.cuda_graph_config.with_phase",
