@@ -25,11 +25,11 @@ import os
 from pathlib import Path
 
 from sglang_tpla.config import check_server_compat
+from sglang_tpla.patches.runtime import BACKEND_NAME
 
 logger = logging.getLogger("sglang_tpla")
 
 HOOK_TARGETS = ("sglang.srt.server_args.ServerArgs.resolve_once",)
-BACKEND_NAME = "tpla"
 
 
 def _tpla_json(raw) -> dict | None:
