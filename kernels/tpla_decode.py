@@ -1,11 +1,12 @@
-"""Triton TPLA decode attention: one latent group's attention over a paged latent cache.
+"""Triton TPLA attention over a paged latent cache, one latent group: decode, and extend as multi-query rows.
 
 Imported as ``sglang_tpla.kernels.tpla_decode`` (``kernels/`` has no ``__init__.py`` on purpose).
 Written for this project; it is not derived from SGLang's ``decode_attention.py``.
 
 What it computes
 ----------------
-For every request ``b`` and head ``h`` of one TPLA latent group (the caller passes the group's
+Decode (:func:`tpla_decode_attention`; extend, below, is the same per query row).  For every
+request ``b`` and head ``h`` of one TPLA latent group (the caller passes the group's
 columns: ``D_CKV = 512 / g`` latent columns plus the 64 RoPE columns)::
 
     logit[t] = sm_scale * (mu * q_lat[b, h] . ckv[slot_t] + q_pe[b, h] . kpe[slot_t])
@@ -16,16 +17,29 @@ This is ``sglang_tpla.reference.latent_attention`` per request (the fp32 oracle)
 gives zeros.  ``kv_indices`` are token slots (SGLang's flattened ``req_to_token`` form, int32); a
 page size > 1 is already resolved in them, so paged and unpaged pools take the same path.
 
-Decode only (query length 1)
-----------------------------
-There is no extend / target-verify (query length > 1) variant, on purpose:
+Extend: multi-token causal queries (``prefill: tpla``)
+-----------------------------------------------------
+:func:`tpla_extend_attention` runs the same two stages with one program row per **query token**
+instead of per request (constexpr ``ROWS``): row ``t`` is new token ``i`` of request ``b =
+q_req[t]`` after a cached prefix of ``P_b``, and attends over that request's slots
+``kv_indices[kv_indptr[b] : kv_indptr[b] + q_lim[t] + 1]`` with ``q_lim[t] = P_b + i`` (causal; the
+new rows are already in the pool).  Each row's key start and length are read on the device from
+the request ``kv_indptr`` and ``q_req`` / ``q_lim`` (:class:`sglang_tpla.metadata.ExtendIndex`,
+``ExtendPlan`` of :mod:`.torch_extend`), so there is no host sync and no loop over requests; stage 2
+merges each row's used splits with the same per-row length.  Decode is the ``ROWS=False`` case,
+unchanged.
 
-* TPLA approximates decode only.  Prefill (extend) stays exact MLA, which needs the full 512-wide
-  latent; a TPLA rank's pool holds only its slice, so an exact extend cannot run on it at all, and
-  in PD-separated serving the prefill node runs plain MLA anyway.
-* Speculative verify (MTP / EAGLE, q_len > 1 with a causal mask over the draft tokens) would need a
-  different tiling (queries x heads in the M dimension) and is not supported by the TPLA backend;
-  the backend must refuse it rather than call this kernel per draft token.
+This is the cheap correct form, not a flash-prefill kernel: the M dimension of each program is
+still the heads of one query token, so a request's prefix is re-read once per query row and the KV
+reads of an extend are ``O(T * P)`` (plus ``O(T^2)`` within the new tokens) rather than one read per
+query tile; L2 absorbs some of it, the rest is bandwidth.  On CUDA the primary route for
+``prefill: tpla`` is FlashInfer's causal MLA with ``qo_indptr`` (:mod:`.flashinfer_extend`), which
+tiles queries x heads; this kernel is the fallback (no FlashInfer, fp8 KV cache, ``D_CKV = 64``, or
+a batch FlashInfer refuses at plan time).  Exact (pd-sep) extend never comes here: it needs the
+full 512-wide latent, all-gathered across the latent groups, and runs on the tiled PyTorch path.
+
+Speculative verify (MTP / EAGLE, q_len > 1 with a causal mask over the draft tokens) is not
+supported by the TPLA backend, which refuses it rather than run it through either form.
 
 Design
 ------
@@ -164,19 +178,26 @@ def _tpla_decode_stage1(
     stride_lb,
     stride_lh,
     stride_ls,
+    row_req_ptr,  # ROWS: [rows] the request of each query row
+    row_lim_ptr,  # ROWS: [rows] the last key position the row may see (P_b + t, causal)
     D_CKV: tl.constexpr,
     D_PE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
+    ROWS: tl.constexpr = False,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0)  # a request (decode) or a query row (ROWS: multi-query extend)
     hb = tl.program_id(1)
     split = tl.program_id(2)
 
-    kv_start = tl.load(kv_indptr_ptr + b)
-    kv_len = tl.load(kv_indptr_ptr + b + 1) - kv_start
+    if ROWS:  # row b: query token t of request r sees r's keys 0 .. P_r + t
+        kv_start = tl.load(kv_indptr_ptr + tl.load(row_req_ptr + b).to(tl.int32))
+        kv_len = tl.load(row_lim_ptr + b).to(tl.int32) + 1
+    else:
+        kv_start = tl.load(kv_indptr_ptr + b)
+        kv_len = tl.load(kv_indptr_ptr + b + 1) - kv_start
     split_len = _split_len(kv_len, tl.num_programs(2), BLOCK_N, min_split_len)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, kv_len)
@@ -251,13 +272,18 @@ def _tpla_decode_stage2(
     stride_oh,
     stride_lob,
     stride_loh,
+    row_lim_ptr,  # ROWS: as in stage 1
     D_CKV: tl.constexpr,
     BLOCK_S: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    ROWS: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    kv_len = tl.load(kv_indptr_ptr + b + 1) - tl.load(kv_indptr_ptr + b)
+    if ROWS:
+        kv_len = tl.load(row_lim_ptr + b).to(tl.int32) + 1
+    else:
+        kv_len = tl.load(kv_indptr_ptr + b + 1) - tl.load(kv_indptr_ptr + b)
     # the splits stage 1 used for this request (every one holds >= 1 token; none for an empty request)
     used = tl.cdiv(kv_len, _split_len(kv_len, num_splits, block_n, min_split_len))
     offs_s = tl.arange(0, BLOCK_S)
@@ -467,6 +493,55 @@ def _check_workspace(workspace, bsz: int, heads: int, splits: int, d_ckv: int):
     return po, plse
 
 
+def _check_inputs(q_lat, q_pe, ckv, kpe, kv_indices, out, what: str):
+    """Shapes, dtypes, strides and devices shared by decode (``what = "B"``) and extend (``"T"``)."""
+    if q_lat.dim() != 3 or q_pe.dim() != 3:
+        raise ValueError(f"q_lat and q_pe must be [{what}, H, D]; got {tuple(q_lat.shape)} and {tuple(q_pe.shape)}")
+    bsz, heads, d_ckv = q_lat.shape
+    _check_d_ckv(d_ckv)
+    if tuple(q_pe.shape) != (bsz, heads, D_PE):
+        raise ValueError(f"q_pe must be [{what}, H, {D_PE}] = {(bsz, heads, D_PE)}, got {tuple(q_pe.shape)}")
+    if ckv.dim() != 2 or ckv.shape[1] != d_ckv:
+        raise ValueError(f"ckv must be [slots, {d_ckv}] (the group's latent columns), got {tuple(ckv.shape)}")
+    if kpe.dim() != 2 or tuple(kpe.shape) != (ckv.shape[0], D_PE):
+        raise ValueError(f"kpe must be [slots, {D_PE}] with slots={ckv.shape[0]}, got {tuple(kpe.shape)}")
+    dtype, kv_dtype = q_lat.dtype, ckv.dtype
+    if q_pe.dtype != dtype:
+        raise TypeError(f"q_pe has dtype {q_pe.dtype}, expected {dtype} (q_lat and q_pe must match)")
+    if kpe.dtype != kv_dtype:
+        raise TypeError(f"kpe has dtype {kpe.dtype}, expected {kv_dtype} (ckv and kpe must match)")
+    _check_dtypes(dtype, kv_dtype)
+    for name, t in (("ckv", ckv), ("kpe", kpe)):
+        if t.shape[0] > 0 and t.stride(1) != 1:
+            raise ValueError(f"{name} must have unit stride in its last dimension (got strides {t.stride()})")
+    if kv_indices.dim() != 1:
+        raise ValueError(f"kv_indices must be 1-D, got shape {tuple(kv_indices.shape)}")
+    device = q_lat.device
+    for name, t in (("q_pe", q_pe), ("ckv", ckv), ("kpe", kpe), ("kv_indices", kv_indices)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, q_lat on {device}; all inputs must share a device")
+    if out is not None:
+        if tuple(out.shape) != (bsz, heads, d_ckv):
+            raise ValueError(f"out must be [{what}, H, D_CKV] = {(bsz, heads, d_ckv)}, got {tuple(out.shape)}")
+        if out.dtype not in SUPPORTED_DTYPES or out.device != device:
+            raise ValueError(f"out must be fp32/fp16/bf16 on {device}, got {out.dtype} on {out.device}")
+        if out.stride(2) != 1:
+            raise ValueError("out must have unit stride in its last dimension")
+    if device.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"tensors on {device} need TRITON_INTERPRET=1 (set before triton is imported)")
+
+
+def _scalars(sm_scale, mu, kv_scale, num_kv_splits):
+    sm_scale = float(sm_scale)
+    mu = 1.0 if mu is None else float(mu)
+    kv_scale = 1.0 if kv_scale is None else float(kv_scale)
+    if not all(math.isfinite(x) for x in (sm_scale, mu, kv_scale)) or kv_scale <= 0:
+        raise ValueError(f"sm_scale={sm_scale}, mu={mu} must be finite and kv_scale={kv_scale} finite and > 0")
+    if num_kv_splits is not None and not 1 <= int(num_kv_splits) <= 65535:
+        raise ValueError(f"num_kv_splits must be in [1, 65535] (grid z), got {num_kv_splits}")
+    return sm_scale, mu, kv_scale
+
+
 def tpla_decode_attention(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
@@ -513,55 +588,116 @@ def tpla_decode_attention(
     * ``return_lse``: also return the natural-log LSE ``[B, H]`` fp32 (``-inf`` for empty requests;
       a new tensor).
     """
-    # ---- validation
-    if q_lat.dim() != 3 or q_pe.dim() != 3:
-        raise ValueError(f"q_lat and q_pe must be [B, H, D]; got {tuple(q_lat.shape)} and {tuple(q_pe.shape)}")
-    bsz, heads, d_ckv = q_lat.shape
-    _check_d_ckv(d_ckv)
-    if tuple(q_pe.shape) != (bsz, heads, D_PE):
-        raise ValueError(f"q_pe must be [B, H, {D_PE}] = {(bsz, heads, D_PE)}, got {tuple(q_pe.shape)}")
-    if ckv.dim() != 2 or ckv.shape[1] != d_ckv:
-        raise ValueError(f"ckv must be [slots, {d_ckv}] (the group's latent columns), got {tuple(ckv.shape)}")
-    if kpe.dim() != 2 or tuple(kpe.shape) != (ckv.shape[0], D_PE):
-        raise ValueError(f"kpe must be [slots, {D_PE}] with slots={ckv.shape[0]}, got {tuple(kpe.shape)}")
-    dtype, kv_dtype = q_lat.dtype, ckv.dtype
-    if q_pe.dtype != dtype:
-        raise TypeError(f"q_pe has dtype {q_pe.dtype}, expected {dtype} (q_lat and q_pe must match)")
-    if kpe.dtype != kv_dtype:
-        raise TypeError(f"kpe has dtype {kpe.dtype}, expected {kv_dtype} (ckv and kpe must match)")
-    _check_dtypes(dtype, kv_dtype)
-    for name, t in (("ckv", ckv), ("kpe", kpe)):
-        if t.shape[0] > 0 and t.stride(1) != 1:
-            raise ValueError(f"{name} must have unit stride in its last dimension (got strides {t.stride()})")
+    _check_inputs(q_lat, q_pe, ckv, kpe, kv_indices, out, "B")
+    bsz = q_lat.shape[0]
     if kv_indptr.dim() != 1 or kv_indptr.numel() != bsz + 1:
         raise ValueError(f"kv_indptr must be 1-D with B+1={bsz + 1} entries, got shape {tuple(kv_indptr.shape)}")
-    if kv_indices.dim() != 1:
-        raise ValueError(f"kv_indices must be 1-D, got shape {tuple(kv_indices.shape)}")
     for name, t in (("kv_indptr", kv_indptr), ("kv_indices", kv_indices)):
         if t.dtype != torch.int32:
             raise TypeError(f"{name} must be int32, got {t.dtype}")
-    device = q_lat.device
-    for name, t in (("q_pe", q_pe), ("ckv", ckv), ("kpe", kpe), ("kv_indptr", kv_indptr), ("kv_indices", kv_indices)):
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, q_lat on {device}; all inputs must share a device")
-    sm_scale = float(sm_scale)
-    mu = 1.0 if mu is None else float(mu)
-    kv_scale = 1.0 if kv_scale is None else float(kv_scale)
-    if not all(math.isfinite(x) for x in (sm_scale, mu, kv_scale)) or kv_scale <= 0:
-        raise ValueError(f"sm_scale={sm_scale}, mu={mu} must be finite and kv_scale={kv_scale} finite and > 0")
-    if num_kv_splits is not None and not 1 <= int(num_kv_splits) <= 65535:
-        raise ValueError(f"num_kv_splits must be in [1, 65535] (grid z), got {num_kv_splits}")
+    if kv_indptr.device != q_lat.device:
+        raise ValueError(f"kv_indptr is on {kv_indptr.device}, q_lat on {q_lat.device}; all inputs must share a device")
+    scalars = _scalars(sm_scale, mu, kv_scale, num_kv_splits)
+    return _launch(
+        q_lat, q_pe, ckv, kpe, kv_indptr, kv_indices, None, scalars, num_kv_splits, out, max_seq_len, config,
+        dot_fp32, return_lse, workspace, num_sms,
+    )  # fmt: skip
+
+
+def tpla_extend_attention(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    ckv: torch.Tensor,
+    kpe: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_req: torch.Tensor,
+    q_lim: torch.Tensor,
+    sm_scale: float,
+    mu: float | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    kv_scale: float | None = None,
+    max_seq_len: int | None = None,
+    num_kv_splits: int | None = None,
+    config: TPLADecodeConfig | None = None,
+    dot_fp32: bool | None = None,
+    num_sms: int | None = None,
+) -> torch.Tensor:
+    """TPLA extend (multi-token causal queries) for one latent group: ``[T, H, D_CKV]``.
+
+    The decode kernel with one row per query token: row ``t`` (query token of request
+    ``b = q_req[t]``, which may see keys ``0 .. q_lim[t]`` of its request, ``q_lim = P_b + i`` for
+    its ``i``-th new token after a cached prefix of ``P_b``) attends over
+    ``kv_indices[kv_indptr[b] : kv_indptr[b] + q_lim[t] + 1]``.  Start and length of each row are
+    read on the device (no host sync, no loop over requests).
+
+    * ``q_lat [T, H, D_CKV]``, ``q_pe [T, H, 64]``, ``ckv`` / ``kpe``, ``sm_scale``, ``mu``,
+      ``kv_scale``, ``out``, ``config``, ``dot_fp32``, ``num_sms``: as :func:`tpla_decode_attention`.
+    * ``kv_indptr [B+1]``, ``kv_indices``: int32, the requests' keys (cached prefix, then the new
+      tokens, already written to the pool): lengths ``P_b + T_b``.
+    * ``q_req [T]``, ``q_lim [T]``: int32 or int64 (``ExtendPlan.q_req`` / ``q_lim`` of
+      :mod:`sglang_tpla.kernels.torch_extend`, or :class:`sglang_tpla.metadata.ExtendIndex`).
+      Not checked against ``kv_indptr`` (that would sync): ``q_lim[t] < P_b + T_b``.
+    * ``max_seq_len``: host bound on ``q_lim + 1`` (sizes the split count, like decode's).
+
+    Launches are split over query rows only when one would pass ``2**31`` fp32 offsets.
+    """
+    _check_inputs(q_lat, q_pe, ckv, kpe, kv_indices, out, "T")
+    rows = q_lat.shape[0]
+    if kv_indptr.dim() != 1 or kv_indptr.numel() < 1:
+        raise ValueError(f"kv_indptr must be 1-D with B+1 entries, got shape {tuple(kv_indptr.shape)}")
+    for name, t in (("kv_indptr", kv_indptr), ("kv_indices", kv_indices)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+    for name, t in (("q_req", q_req), ("q_lim", q_lim)):
+        if t.dim() != 1 or t.numel() != rows:
+            raise ValueError(f"{name} must be 1-D with T={rows} entries, got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    for name, t in (("kv_indptr", kv_indptr), ("q_req", q_req), ("q_lim", q_lim)):
+        if t.device != q_lat.device:
+            raise ValueError(f"{name} is on {t.device}, q_lat on {q_lat.device}; all inputs must share a device")
+    scalars = _scalars(sm_scale, mu, kv_scale, num_kv_splits)
+    if out is None:
+        out = torch.empty(rows, q_lat.shape[1], q_lat.shape[2], dtype=q_lat.dtype, device=q_lat.device)
+    if rows == 0 or q_lat.shape[1] == 0:
+        return out
+    heads, d_ckv = q_lat.shape[1], q_lat.shape[2]
+    cfg = config or choose_config(d_ckv, heads, q_lat.dtype, ckv.dtype)
+    if num_kv_splits is None:  # host sizes only: the row count and the host bound on the row length
+        sms = device_num_sms(q_lat.device) if num_sms is None else num_sms
+        num_kv_splits = choose_num_kv_splits(rows, triton.cdiv(heads, cfg.block_h), cfg.block_n, sms, max_seq_len)
+    q_req, q_lim = q_req.contiguous(), q_lim.contiguous()
+    step = rows
+    # int32 offsets: a launch keeps rows * H * splits * D_CKV below 2**31; only a very large extend
+    # (e.g. more than 16K tokens at 128 heads x 512 columns) takes several launches
+    per_row = heads * d_ckv * int(num_kv_splits)
+    if rows * per_row >= 2**31:
+        step = max(1, (2**31 - 1) // per_row)
+    for t0 in range(0, rows, step):
+        t1 = min(rows, t0 + step)
+        ql, qp = q_lat[t0:t1], q_pe[t0:t1]
+        if step < rows:  # a slice of a strided (e.g. head-major) query may still span 2**31 elements
+            ql, qp = ql.contiguous(), qp.contiguous()
+        _launch(
+            ql, qp, ckv, kpe, kv_indptr, kv_indices, (q_req[t0:t1], q_lim[t0:t1]), scalars, num_kv_splits,
+            out[t0:t1], max_seq_len, cfg, dot_fp32, False, None, num_sms,
+        )  # fmt: skip
+    return out
+
+
+def _launch(
+    q_lat, q_pe, ckv, kpe, kv_indptr, kv_indices, rows, scalars, num_kv_splits, out, max_seq_len, config, dot_fp32,
+    return_lse, workspace, num_sms,
+):  # fmt: skip
+    """Both stages over ``B`` program rows: requests (``rows is None``: decode) or query tokens
+    (``rows = (q_req, q_lim)``: extend).  Inputs already checked."""
+    bsz, heads, d_ckv = q_lat.shape
+    dtype, kv_dtype, device = q_lat.dtype, ckv.dtype, q_lat.device
+    sm_scale, mu, kv_scale = scalars
     if out is None:
         out = torch.empty(bsz, heads, d_ckv, dtype=dtype, device=device)
-    else:
-        if tuple(out.shape) != (bsz, heads, d_ckv):
-            raise ValueError(f"out must be [B, H, D_CKV] = {(bsz, heads, d_ckv)}, got {tuple(out.shape)}")
-        if out.dtype not in SUPPORTED_DTYPES or out.device != device:
-            raise ValueError(f"out must be fp32/fp16/bf16 on {device}, got {out.dtype} on {out.device}")
-        if out.stride(2) != 1:
-            raise ValueError("out must have unit stride in its last dimension")
-    if device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"tensors on {device} need TRITON_INTERPRET=1 (set before triton is imported)")
     if q_lat.stride(2) != 1:
         q_lat = q_lat.contiguous()
     if q_pe.stride(2) != 1:
@@ -587,6 +723,7 @@ def tpla_decode_attention(
         po = torch.empty(bsz, heads, num_kv_splits, d_ckv, dtype=torch.float32, device=device) if num_kv_splits > 1 else None
     else:
         po, plse = _check_workspace(workspace, bsz, heads, num_kv_splits, d_ckv)
+    row_req, row_lim = rows if rows is not None else (kv_indptr, kv_indptr)  # unread without ROWS
 
     grid = (bsz, head_blocks, num_kv_splits)
     meta = dict(
@@ -596,6 +733,7 @@ def tpla_decode_attention(
         BLOCK_N=cfg.block_n,
         DOT_FP32=bool(dot_fp32),
         PRECISION="ieee" if (dot_fp32 or dtype == torch.float32) else "tf32",
+        ROWS=rows is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -606,19 +744,22 @@ def tpla_decode_attention(
 
     if num_kv_splits == 1:  # the one split is the answer: write out directly (LSE into split 0)
         _tpla_decode_stage1[grid](
-            *head, out, plse, *scalars, *in_strides, out.stride(0), out.stride(1), 0, *lse_strides, **meta
-        )
+            *head, out, plse, *scalars, *in_strides, out.stride(0), out.stride(1), 0, *lse_strides, row_req, row_lim,
+            **meta,
+        )  # fmt: skip
         return (out, plse[:bsz, :, 0] * _LN2) if return_lse else out
 
     _tpla_decode_stage1[grid](
-        *head, po, plse, *scalars, *in_strides, po.stride(0), po.stride(1), po.stride(2), *lse_strides, **meta
-    )
+        *head, po, plse, *scalars, *in_strides, po.stride(0), po.stride(1), po.stride(2), *lse_strides, row_req,
+        row_lim, **meta,
+    )  # fmt: skip
     lse = torch.empty(bsz, heads, dtype=torch.float32, device=device) if return_lse else plse
     _tpla_decode_stage2[(bsz, heads)](
         po, plse, out, lse, kv_indptr, num_kv_splits, cfg.block_n, min_split_len,
         po.stride(0), po.stride(1), po.stride(2), plse.stride(0), plse.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        D_CKV=d_ckv, BLOCK_S=triton.next_power_of_2(num_kv_splits), STORE_LSE=return_lse, num_warps=4, num_stages=1,
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), row_lim,
+        D_CKV=d_ckv, BLOCK_S=triton.next_power_of_2(num_kv_splits), STORE_LSE=return_lse, ROWS=rows is not None,
+        num_warps=4, num_stages=1,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -635,11 +776,13 @@ def stage1_aot_source(
     dot_fp32: bool = False,
     out_dtype: torch.dtype = torch.float32,
     kv_dtype: torch.dtype | None = None,
+    rows: bool = False,
 ):
     """A ``triton.compiler.ASTSource`` for stage 1, specialised like a real launch on a
     ``[slots, D_CKV + 64]`` row buffer (pointers and row strides divisible by 16).  ``out_dtype``:
     fp32 for the split path (partials), the output dtype for the one-split path (writes ``out``).
-    ``kv_dtype``: the cache dtype (``None``: the query dtype)."""
+    ``kv_dtype``: the cache dtype (``None``: the query dtype).  ``rows``: the multi-query extend
+    variant (int32 ``q_req`` / ``q_lim``)."""
     from triton.compiler import ASTSource
 
     _check_d_ckv(d_ckv)
@@ -650,6 +793,7 @@ def stage1_aot_source(
     ptr_types = {
         "q_lat_ptr": f"*{t}", "q_pe_ptr": f"*{t}", "ckv_ptr": f"*{kt}", "kpe_ptr": f"*{kt}",
         "kv_indptr_ptr": "*i32", "kv_indices_ptr": "*i32", "o_ptr": f"*{_TRITON_DTYPE[out_dtype]}", "lse_ptr": "*fp32",
+        "row_req_ptr": "*i32", "row_lim_ptr": "*i32",
     }  # fmt: skip
     constexprs = dict(
         D_CKV=d_ckv,
@@ -658,6 +802,7 @@ def stage1_aot_source(
         BLOCK_N=cfg.block_n,
         DOT_FP32=dot_fp32,
         PRECISION="ieee" if (dot_fp32 or dtype == torch.float32) else "tf32",
+        ROWS=rows,
     )
     signature = {}
     for name in fn.arg_names:
@@ -675,16 +820,18 @@ def stage1_aot_source(
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
-def stage2_aot_source(d_ckv: int, out_dtype: torch.dtype, num_kv_splits: int = 8, store_lse: bool = False):
+def stage2_aot_source(
+    d_ckv: int, out_dtype: torch.dtype, num_kv_splits: int = 8, store_lse: bool = False, rows: bool = False
+):
     from triton.compiler import ASTSource
 
     _check_d_ckv(d_ckv)
     fn = _tpla_decode_stage2
     ptr_types = {
         "po_ptr": "*fp32", "plse_ptr": "*fp32", "out_ptr": f"*{_TRITON_DTYPE[out_dtype]}", "lse_out_ptr": "*fp32",
-        "kv_indptr_ptr": "*i32",
+        "kv_indptr_ptr": "*i32", "row_lim_ptr": "*i32",
     }  # fmt: skip
-    constexprs = dict(D_CKV=d_ckv, BLOCK_S=triton.next_power_of_2(num_kv_splits), STORE_LSE=store_lse)
+    constexprs = dict(D_CKV=d_ckv, BLOCK_S=triton.next_power_of_2(num_kv_splits), STORE_LSE=store_lse, ROWS=rows)
     signature = {n: ("constexpr" if n in constexprs else ptr_types.get(n, "i32")) for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptr_types}
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

@@ -21,6 +21,7 @@ Pure torch: no SGLang import.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -121,3 +122,68 @@ class DecodeIndexBuffers:
     @property
     def lens_cpu(self) -> torch.Tensor:
         return self.kv_lens_cpu[: self.bs]
+
+
+# --------------------------------------------------------------------------- extend (prefill: tpla)
+
+
+@dataclass
+class ExtendIndex:
+    """Index metadata of one ``prefill: tpla`` extend batch for the kernel routes (FlashInfer's causal
+    MLA and the Triton multi-query kernel), built once per forward batch and read by every layer.
+
+    Request ``b`` has ``P_b`` cached tokens and ``T_b`` new ones; its keys are its slots
+    ``req_to_token[req_pool_indices[b], :P_b + T_b]`` (the new rows already written to the pool).
+    Query token ``i`` of request ``b`` (row ``qo_indptr[b] + i`` of the batch) sees keys
+    ``0 .. P_b + i`` (causal)."""
+
+    kv_indptr: torch.Tensor  # [B + 1] int32, device: 0, cumsum(P_b + T_b)
+    kv_indices: torch.Tensor  # [K] int32, device: the token slots, request after request
+    q_req: torch.Tensor  # [T] int32, device: the request of each query row
+    q_lim: torch.Tensor  # [T] int32, device: the last key position each row may see (P_b + i)
+    qo_indptr_cpu: torch.Tensor  # [B + 1] int32, host: 0, cumsum(T_b)
+    kv_indptr_cpu: torch.Tensor  # [B + 1] int32, host
+    kv_lens_cpu: torch.Tensor  # [B] int32, host: P_b + T_b
+    max_kv_len: int  # host
+    num_tokens: int  # T, host
+
+
+def build_extend_index(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_lens,
+    extend_lens,
+    fill: IndexFill | None = None,
+) -> ExtendIndex:
+    """:class:`ExtendIndex` from SGLang's host lengths (``extend_prefix_lens_cpu``,
+    ``extend_seq_lens_cpu``): one host-to-device copy of the ``2B`` lengths, then device ops only
+    (no device value is read on the host; no loop over requests).  ``fill``: the slot gather
+    (default :func:`gather_kv_indices`; SGLang's index kernel on CUDA)."""
+    prefix = [int(p) for p in prefix_lens]
+    ext = [int(n) for n in extend_lens]
+    if len(prefix) != len(ext):
+        raise ValueError(f"{len(prefix)} prefix lengths but {len(ext)} extend lengths")
+    bs = len(ext)
+    host = torch.tensor(prefix + ext, dtype=torch.int32).view(2, bs)
+    kv_lens_cpu = host.sum(0, dtype=torch.int32)
+    kv_indptr_cpu = torch.zeros(bs + 1, dtype=torch.int32)
+    qo_indptr_cpu = torch.zeros(bs + 1, dtype=torch.int32)
+    torch.cumsum(kv_lens_cpu, 0, dtype=torch.int32, out=kv_indptr_cpu[1:])
+    torch.cumsum(host[1], 0, dtype=torch.int32, out=qo_indptr_cpu[1:])
+    nnz, total_q = int(kv_indptr_cpu[-1]), int(qo_indptr_cpu[-1])  # host tensors
+
+    dev = req_pool_indices.device
+    lens = host.to(dev)  # the one host-to-device copy
+    pre, new = lens[0], lens[1]
+    kv_lens = pre + new
+    kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=dev)
+    torch.cumsum(kv_lens, 0, dtype=torch.int32, out=kv_indptr[1:])
+    qo_start = torch.cumsum(new, 0, dtype=torch.int32) - new
+    q_req = torch.repeat_interleave(torch.arange(bs, dtype=torch.int32, device=dev), new, output_size=total_q)
+    q_lim = pre[q_req] + torch.arange(total_q, dtype=torch.int32, device=dev) - qo_start[q_req]
+    kv_indices = torch.empty(nnz, dtype=torch.int32, device=dev)
+    (fill or gather_kv_indices)(req_to_token, req_pool_indices, kv_lens, kv_indptr, kv_indices, nnz)
+    return ExtendIndex(
+        kv_indptr, kv_indices, q_req, q_lim.to(torch.int32), qo_indptr_cpu, kv_indptr_cpu, kv_lens_cpu,
+        max(prefix[b] + ext[b] for b in range(bs)) if bs else 0, total_q,
+    )  # fmt: skip

@@ -171,6 +171,8 @@ def run_case(case):
 
     if case.get("kind") == "runner":
         return run_runner_case(case)
+    if case.get("kind") == "extend":
+        return run_extend_case(case)
     q_lat, q_pe, cache, _ = build_problem(case)
     kv_indptr, kv_indices = cache.kv_indptr_indices()
     sm_scale = case.get("scale_mult", 1.0) / math.sqrt(192)
@@ -257,6 +259,80 @@ def run_runner_case(case):
     }
 
 
+def run_extend_case(case):
+    """The multi-query (extend) form of the kernel, ``tpla_extend_attention``: requests with cached
+    prefixes ``prefix`` and ``ext`` new tokens each, their slots shuffled over SGLang's pool layout
+    ``[slots, 1, D + 64]``, head-major queries (as the DeepSeek hook's ``bmm`` leaves them).  The
+    per-row metadata comes from ``plan_extend`` (int64, ``index: plan``) or from
+    ``sglang_tpla.metadata.build_extend_index`` over a ``req_to_token`` table (int32).
+
+    Oracle (shares no code with the kernel): an explicit loop over query tokens, each one
+    ``sglang_tpla.reference.latent_attention`` over its request's keys ``0 .. P_b + i``."""
+    import torch
+
+    from sglang_tpla.kernels import tpla_decode as K
+    from sglang_tpla.kernels.torch_extend import plan_extend
+    from sglang_tpla.metadata import build_extend_index
+    from sglang_tpla.reference import latent_attention
+
+    gen = torch.Generator().manual_seed(case.get("seed", 0))
+    d, h, pre, ext = case["d"], case["h"], list(case["prefix"]), list(case["ext"])
+    dt = _dtype(case["dtype"])
+    kv_lens = [p + n for p, n in zip(pre, ext)]
+    total_k, total_q = sum(kv_lens), sum(ext)
+    slots = total_k + 9
+    perm = (torch.randperm(slots - 1, generator=gen) + 1).to(torch.int32)  # slot 0 is SGLang's padding slot
+    req_to_token = torch.zeros(len(pre) + 2, max(kv_lens) + 3, dtype=torch.int32)
+    req_pool = torch.randperm(len(pre) + 2, generator=gen)[: len(pre)]
+    nxt = 0
+    for b, n in enumerate(kv_lens):
+        req_to_token[req_pool[b], :n] = perm[nxt : nxt + n]
+        nxt += n
+    if case.get("index") == "plan":
+        plan = plan_extend(pre, ext, "cpu", h)
+        q_req, q_lim = plan.q_req, plan.q_lim
+        kv_indptr = torch.tensor([0] + [sum(kv_lens[: b + 1]) for b in range(len(pre))], dtype=torch.int32)
+        kv_indices = torch.cat([req_to_token[req_pool[b], :n] for b, n in enumerate(kv_lens)])
+    else:
+        ix = build_extend_index(req_to_token, req_pool, pre, ext)
+        q_req, q_lim, kv_indptr, kv_indices = ix.q_req, ix.q_lim, ix.kv_indptr, ix.kv_indices
+    pool = torch.randn(slots, 1, d + 64, generator=gen).to(dt)
+    ckv, kpe = pool[:, 0, :d], pool[:, 0, d:]
+    q_lat = torch.randn(h, total_q, d, generator=gen).to(dt).transpose(0, 1)  # [T, H, D], head-major
+    q_pe = torch.randn(total_q, h, 64, generator=gen).to(dt)
+    sm_scale, mu = case.get("scale_mult", 1.0) / math.sqrt(192), case.get("mu")
+    cfg = K.TPLADecodeConfig(*case["config"]) if case.get("config") else None
+    t0 = time.time()
+    res = K.tpla_extend_attention(
+        q_lat, q_pe, ckv, kpe, kv_indptr, kv_indices, q_req, q_lim, sm_scale, mu,
+        num_kv_splits=case.get("splits"), max_seq_len=max(kv_lens), config=cfg, num_sms=case.get("num_sms"),
+    )  # fmt: skip
+    seconds = time.time() - t0
+    ref = torch.zeros(total_q, h, d)
+    row = 0
+    for b, (p, n) in enumerate(zip(pre, ext)):
+        keys = req_to_token[req_pool[b], : p + n].long()
+        for i in range(n):
+            seen = keys[: p + i + 1]
+            ref[row] = latent_attention(
+                q_lat[row : row + 1].float(), q_pe[row : row + 1].float(), ckv[seen].float(), kpe[seen].float(), sm_scale, mu
+            )[0]
+            row += 1
+    max_err, n_bad = _errors(res, ref, case)
+    used = cfg or K.choose_config(d, h, dt, dt)
+    splits = case.get("splits") or K.choose_num_kv_splits(total_q, -(-h // used.block_h), used.block_n, case.get("num_sms") or 132, max(kv_lens))
+    return {
+        "name": case["name"],
+        "seconds": round(seconds, 3),
+        "out_dtype": str(res.dtype),
+        "expected_out_dtype": str(dt),
+        "max_abs_err": max_err,
+        "n_bad": n_bad,
+        "splits": splits,
+        "q_req_dtype": str(q_req.dtype),
+    }
+
+
 # --------------------------------------------------------------------------- AOT compile jobs
 
 
@@ -297,11 +373,12 @@ def run_aot(job):
     if job["stage"] == 1:
         cfg = K.TPLADecodeConfig(*job["config"])
         src = K.stage1_aot_source(
-            job["d"], _dtype(job["dtype"]), cfg, out_dtype=_dtype(job.get("out", "fp32")), kv_dtype=_dtype(job.get("kv", job["dtype"]))
-        )
+            job["d"], _dtype(job["dtype"]), cfg, out_dtype=_dtype(job.get("out", "fp32")),
+            kv_dtype=_dtype(job.get("kv", job["dtype"])), rows=job.get("rows", False),
+        )  # fmt: skip
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     else:
-        src = K.stage2_aot_source(job["d"], _dtype(job["dtype"]), K.MAX_KV_SPLITS, store_lse=True)
+        src = K.stage2_aot_source(job["d"], _dtype(job["dtype"]), K.MAX_KV_SPLITS, store_lse=True, rows=job.get("rows", False))
         opts = {"num_warps": 4, "num_stages": 1}
     # Triton's own ptxas run already uses -v; print its log (captured here) instead of running ptxas
     # twice.  A Triton cache hit skips ptxas, so fall back to a separate run then.
