@@ -17,7 +17,9 @@ the new row (already sliced) into the latent-split pool and attends over the sli
 used as V.  The implementation is chosen per rank by :mod:`sglang_tpla.kernels.select` and
 logged: FlashInfer MLA (``head_dim_ckv = 512/g``) on CUDA, the Triton kernel as fallback (and
 for an fp8 KV cache), plain PyTorch on CPU.  Everything around the kernel is the same code on
-every device.
+every device.  ``prefill: tpla`` extend batches run in the DeepSeek hook
+(:mod:`.deepseek_attention`), not in ``forward_extend``, on the same per-rank choice; this backend
+only owns their FlashInfer wrapper (:meth:`TPLAAttnBackend.extend_flashinfer`).
 
 Per decode step (``init_forward_metadata`` eager, ``init_forward_metadata_out_graph`` for CUDA
 graphs): the CSR token slots are refilled in place into persistent buffers
@@ -144,6 +146,7 @@ class TPLAAttnBackend(AttentionBackend):
         self._graph_wrappers: dict[int, object] = {}
         self._fi_workspace = None
         self._fi_eager = None
+        self._fi_extend = None
         self._triton = None
         if self.choice.impl == "flashinfer":
             from sglang_tpla.kernels.flashinfer_decode import WORKSPACE_BYTES
@@ -164,6 +167,19 @@ class TPLAAttnBackend(AttentionBackend):
             self._fi_workspace, self.choice.flashinfer_backend, self.num_heads, self.d_ckv, self.d_pe, self.sm_scale,
             self.q_dtype, graph_buffers=graph_buffers, fast_plan=fast_plan,
         )  # fmt: skip
+
+    def extend_flashinfer(self):
+        """The rank's FlashInfer causal MLA wrapper for ``prefill: tpla`` extend batches (built on first
+        use, on the decode wrapper's workspace: the two never run at once); the DeepSeek hook plans it
+        once per forward batch (:func:`sglang_tpla.patches.deepseek_attention._kernel_extend_step`)."""
+        if self._fi_extend is None:
+            from sglang_tpla.kernels.flashinfer_extend import FlashInferTPLAExtend
+
+            self._fi_extend = FlashInferTPLAExtend(
+                self._fi_workspace, self.choice.flashinfer_backend, self.num_heads, self.d_ckv, self.d_pe,
+                self.sm_scale, self.q_dtype,
+            )  # fmt: skip
+        return self._fi_extend
 
     def _triton_runner(self, max_batch: int):
         from sglang_tpla.kernels.triton_decode import TritonTPLADecode

@@ -16,7 +16,9 @@ Hooks (SGLang 0.5.23), all gated on ``self.tpla`` (set by :mod:`.weights` when T
   prefill; every extend with ``prefill: tpla``) run :func:`_extend`: batched over the requests,
   tiled with an online softmax so memory does not grow with the prefix; exact MLA recovers
   each key chunk's full latent across the latent groups with one all-gather, so prefill with
-  radix-cache hits and chunked prefill is what stock MLA computes.
+  radix-cache hits and chunked prefill is what stock MLA computes.  ``prefill: tpla`` on a CUDA
+  rank runs the decode kernels with multi-token causal queries instead (FlashInfer's causal MLA,
+  or the Triton multi-query kernel), following the rank's decode choice.
 """
 
 from __future__ import annotations
@@ -183,17 +185,86 @@ def _extend_keys(backend, forward_batch, num_heads: int):
     return cached
 
 
+def _kernel_backend(backend):
+    """The rank's ``tpla`` decode backend (``backend`` itself, or the decode half of SGLang's hybrid
+    prefill/decode backend) when its per-rank choice (:mod:`sglang_tpla.kernels.select`) is a GPU
+    kernel, ``flashinfer`` or ``triton``; ``None`` for the plain-PyTorch choice (CPU, or forced)."""
+    from .attention_backend import TPLAAttnBackend
+
+    for b in (backend, getattr(backend, "decode_backend", None)):
+        if isinstance(b, TPLAAttnBackend):
+            return b if b.choice.impl in ("flashinfer", "triton") else None
+    return None
+
+
+_fallbacks_logged = 0
+
+
+def _kernel_extend_step(tb, forward_batch):
+    """``(ExtendIndex, planned FlashInferTPLAExtend or None)`` of a ``prefill: tpla`` extend batch on
+    the kernel routes, built once per forward batch (cached on it, like :func:`_extend_keys`) from
+    SGLang's host lengths: FlashInfer is planned here, once, and every layer runs the plan.  A batch
+    FlashInfer refuses at plan time runs on the Triton multi-query kernel (``None``)."""
+    global _fallbacks_logged
+    step = getattr(forward_batch, "_tpla_extend_kernel", None)
+    if step is None:
+        from sglang_tpla.metadata import build_extend_index
+
+        index = build_extend_index(
+            tb.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, forward_batch.extend_prefix_lens_cpu,
+            forward_batch.extend_seq_lens_cpu, fill=tb._fill,
+        )  # fmt: skip
+        fi = None
+        if tb.choice.impl == "flashinfer" and index.num_tokens:
+            fi = tb.extend_flashinfer()
+            why = fi.plan(index.qo_indptr_cpu, index.kv_indptr_cpu, index.kv_indices, index.kv_lens_cpu)
+            if why is not None:
+                import logging
+
+                level = logging.WARNING if _fallbacks_logged < 3 else logging.DEBUG
+                _fallbacks_logged += 1
+                logging.getLogger("sglang_tpla").log(
+                    level, "TPLA extend: FlashInfer refused this batch (%s); running it on the Triton kernel", why
+                )
+                fi = None
+        step = forward_batch._tpla_extend_kernel = (index, fi)
+    return step
+
+
+def _extend_kernel(tb, rows, q_lat, q_pe, forward_batch, sm_scale: float):
+    """``prefill: tpla`` on the GPU routes: FlashInfer's causal MLA (planned once per forward batch)
+    or the Triton multi-query kernel (one row per query token, its causal key range read on the
+    device); ``rows`` is the layer's pool buffer ``[slots, 1, D + 64]``."""
+    index, fi = _kernel_extend_step(tb, forward_batch)
+    if fi is not None:
+        return fi.run(q_lat, q_pe, rows)
+    from sglang_tpla.kernels.tpla_decode import tpla_extend_attention
+
+    flat = rows.view(rows.shape[0], -1)
+    if flat.dtype == torch.uint8 and tb.kv_dtype.itemsize == 1:  # an fp8 pool in SGLang's store dtype
+        flat = flat.view(tb.kv_dtype)
+    d = tb.d_ckv
+    return tpla_extend_attention(
+        q_lat, q_pe, flat[:, :d], flat[:, d:], index.kv_indptr, index.kv_indices, index.q_req, index.q_lim, sm_scale,
+        kv_scale=tb.kv_scale, max_seq_len=index.max_kv_len,
+    )  # fmt: skip
+
+
 def _extend(self, q_pe, k_pe, q_lat, k_new, forward_batch, exact: bool):
     """Attention of an extend batch over the latent-split pool, every request over its cached prefix
-    and its new tokens (causal), batched and tiled with bounded memory
-    (:func:`sglang_tpla.kernels.torch_extend.extend_attention`).  The new rows are written first and
+    and its new tokens (causal), batched over the requests.  The new rows are written first and
     every key is read back from the pool, so the extend sees what later steps read (fp8 rounding
     included).
 
     * ``exact`` (pd-sep): exact absorbed MLA, ``q_lat [T, H_loc, R]``; each key chunk's full latent is
-      recovered across the latent groups with one all-gather.  Returns ``[T, H_loc, R]``.
+      recovered across the latent groups with one all-gather.  Returns ``[T, H_loc, R]``.  Always the
+      tiled PyTorch path (:func:`sglang_tpla.kernels.torch_extend.extend_attention`, bounded memory):
+      the decode kernels read one rank's slice, not the all-gathered full latent.
     * otherwise (``prefill: tpla``): this rank's heads over its own slice, own softmax, no collective,
-      exactly like a decode step.  Returns ``[T, Hg, D]``.
+      exactly like a decode step.  Returns ``[T, Hg, D]``.  The route follows the rank's decode choice
+      (:mod:`sglang_tpla.kernels.select`): FlashInfer's causal MLA (Triton multi-query kernel for a
+      batch FlashInfer refuses), the Triton multi-query kernel, or, on CPU (``torch``), the tiled
+      PyTorch path.
     """
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
     from sglang.srt.model_executor.forward_context import get_attn_backend
@@ -203,6 +274,9 @@ def _extend(self, q_pe, k_pe, q_lat, k_new, forward_batch, exact: bool):
     backend = get_attn_backend()
     pool, layer, rt = backend.token_to_kv_pool, self.attn_mqa, self.tpla.runtime
     pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), torch.cat([k_new, k_pe], -1), None)
+    tb = None if exact else _kernel_backend(backend)
+    if tb is not None:
+        return _extend_kernel(tb, pool.get_key_buffer(layer.layer_id), q_lat, q_pe, forward_batch, layer.scaling)
     slots, plan = _extend_keys(backend, forward_batch, q_lat.shape[1])
     buf = pool.get_key_buffer(layer.layer_id)
     d = rt.layout.slice_width
