@@ -12,6 +12,14 @@ Numerics (section ``numerics``)
     call, so an element the kernel did not write fails), empty requests give exactly 0, and the
     LSE (natural log, -inf for empty requests) is within ``lse_atol``.
 
+Extend numerics (section ``numerics``, names ``extend_*``)
+    ``tpla_extend_attention`` (``prefill: tpla`` on the Triton route: one row per query token, causal
+    over its request's prefix and the new tokens before it) for DeepSeek-V3 / Kimi-K2 shapes, bf16,
+    fp16 and fp8 KV, requests with cached prefixes 0 .. 4500 and 1 .. 200 new tokens, shuffled slots,
+    head-major queries (as the DeepSeek hook's ``bmm`` leaves them), the default split count and a
+    forced one.  Reference: a loop over query tokens, each ``latent_attention`` over its keys
+    ``0 .. P_b + i`` in fp32; same pass rule.
+
 CUDA graphs (section ``graph``)
     ``TritonTPLADecode.run`` captured at one batch size (after an eager warm-up, as SGLang does),
     then replayed (1) on the capture data, (2) with new data written into the same buffers,
@@ -46,6 +54,10 @@ LENS = [0, 1, 63, 1000, 4500]
 LENS_DRY = [0, 1, 9, 40, 130]
 LONG = [33000, 1, 0, 4500]
 LONG_DRY = [300, 1, 0, 130]
+# extend: (cached prefix, new tokens) per request
+EXTEND = ([0, 5, 17, 1000, 4500], [1, 4, 9, 200, 64])
+EXTEND_DRY = ([0, 5, 17], [1, 4, 9])
+EXTEND_FEW = ([4500, 33], [3, 2])  # few query rows over a long prefix: the default takes several splits
 
 
 def _case(name, d, h, kv, q=None, **kw):
@@ -86,6 +98,13 @@ def numerics_cases() -> list[dict]:
         for h in (16, 128):
             cs.append(_case(f"fp8kv_d{d}_h{h}", d, h, "fp8", dry_real=(d, h) == (64, 16)))
     cs.append(_case("fp8kv_d512_h40_1split_lse_mu", 512, 40, "fp8", splits=1, lse=True, mu=1.2))
+    # prefill: tpla through the Triton multi-query kernel
+    cs.append(_case("extend_bf16_d256_h128", 256, 128, "bf16", kind="extend", lens="extend"))
+    cs.append(_case("extend_bf16_d512_h16", 512, 16, "bf16", kind="extend", lens="extend", mu=0.9))
+    cs.append(_case("extend_bf16_d128_h32_few_rows_long_prefix", 128, 32, "bf16", kind="extend", lens="few"))
+    cs.append(_case("extend_fp16_d256_h16_3splits", 256, 16, "fp16", kind="extend", lens="extend", splits=3))
+    cs.append(_case("extend_fp8kv_d128_h32", 128, 32, "fp8", kind="extend", lens="extend"))
+    cs.append(_case("extend_fp16_d64_h16", 64, 16, "fp16", kind="extend", lens="extend", dry_real=True))
     return cs
 
 
@@ -188,6 +207,8 @@ def _seed(name: str) -> int:
 def run_numerics(case: dict, ctx) -> dict:
     from sglang_tpla.kernels import tpla_decode as K
 
+    if case.get("kind") == "extend":
+        return run_extend(case, ctx)
     dev = ctx.device
     gen = torch.Generator(device=dev).manual_seed(_seed(case["name"]))
     lens = case["lens"]
@@ -253,6 +274,68 @@ def run_numerics(case: dict, ctx) -> dict:
         rec.update(compare_lse(lse, ref_lse, LSE_ATOL[kv]))
         ok = ok and rec["lse_ok"]
     rec["status"] = "ok" if ok else "FAIL"
+    return rec
+
+
+def run_extend(case: dict, ctx) -> dict:
+    """``tpla_extend_attention`` against a per-query-token fp32 loop (see the module docstring)."""
+    from sglang_tpla.kernels import tpla_decode as K
+    from sglang_tpla.reference import latent_attention
+
+    dev = ctx.device
+    gen = torch.Generator(device=dev).manual_seed(_seed(case["name"]))
+    pre, ext = EXTEND_FEW if case["lens"] == "few" else (EXTEND_DRY if ctx.dry else EXTEND)
+    if ctx.dry and case["lens"] == "few":
+        pre = [130, 33]
+    d, h, kv, qn = case["d"], case["heads"], case["kv"], case["q"]
+    qdt = DTYPES[qn]
+    kv_lens = [p + n for p, n in zip(pre, ext)]
+    nnz, total_q = sum(kv_lens), sum(ext)
+    slots = nnz + 1  # slot 0: the dummy slot, never addressed here
+    rows, deq = make_rows(slots, d, kv, dev, gen, case["kv_scale"])
+    q_lat = (torch.randn(h, total_q, d, device=dev, generator=gen) * case["qscale"]).to(qdt).transpose(0, 1)
+    q_pe = (torch.randn(total_q, h, D_PE, device=dev, generator=gen) * case["qscale"]).to(qdt)
+    indices = (torch.randperm(nnz, device=dev, generator=gen) + 1).to(torch.int32)
+    indptr = _indptr(kv_lens, dev)
+    q_req = torch.tensor([b for b, n in enumerate(ext) for _ in range(n)], dtype=torch.int32, device=dev)
+    q_lim = torch.tensor([p + i for p, n in zip(pre, ext) for i in range(n)], dtype=torch.int32, device=dev)
+    flat = rows.view(slots, d + D_PE)
+    out = torch.full((total_q, h, d), math.nan, dtype=qdt, device=dev)
+    kw = dict(mu=case["mu"], out=out, max_seq_len=max(kv_lens))
+    if case["splits"] != "default":
+        kw["num_kv_splits"] = case["splits"]
+    if kv == "fp8":
+        kw["kv_scale"] = case["kv_scale"]
+    real = ctx.launches_real(case)
+    with ctx.launch_mode(real):
+        o = K.tpla_extend_attention(q_lat, q_pe, flat[:, :d], flat[:, d:], indptr, indices, q_req, q_lim, SM_SCALE, **kw)
+    if o.data_ptr() != out.data_ptr() or tuple(o.shape) != (total_q, h, d):
+        raise AssertionError("tpla_extend_attention did not write the given out")
+    rec = {"lens": [pre, ext], "heads": h, "d": d, "q": qn, "kv": kv, "splits": case["splits"], "mu": case["mu"],
+           "lse": False, "out": "poison"}  # fmt: skip
+    cfg = K.choose_config(d, h, qdt, DTYPES[kv])
+    rec["config"] = [cfg.block_h, cfg.block_n, cfg.num_warps, cfg.num_stages]
+    if case["splits"] == "default":
+        rec["splits_used"] = K.choose_num_kv_splits(total_q, -(-h // cfg.block_h), cfg.block_n, K.device_num_sms(dev),
+                                                    max(kv_lens))  # fmt: skip
+    if not real:
+        rec["status"] = "dry"
+        return rec
+    dflat = deq.reshape(slots, -1)
+    ref = torch.zeros(total_q, h, d, device=dev)
+    row = 0
+    for b, (p, n) in enumerate(zip(pre, ext)):
+        keys = indices[int(indptr[b]) : int(indptr[b]) + p + n].long()
+        for i in range(n):
+            seen = keys[: p + i + 1]
+            ref[row] = latent_attention(q_lat[row : row + 1].float(), q_pe[row : row + 1].float(), dflat[seen, :d],
+                                        dflat[seen, d:], SM_SCALE, case["mu"])[0]  # fmt: skip
+            row += 1
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    atol, rtol = TOL[kv]
+    rec.update(compare(o, ref, atol, rtol))
+    rec["status"] = "ok" if rec["ok"] else "FAIL"
     return rec
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check of the TPLA decode kernel: numerics vs the fp32 reference, CUDA-graph
+# The prepared GPU check of the TPLA decode kernel (and its multi-query extend form): numerics vs the fp32 reference, CUDA-graph
 # capture/replay, per-rank attention benchmark, decode-layer benchmark.  Needs only python3 with
 # torch + triton and this working tree (no sglang, no flashinfer, no network, no pip install).
 #
