@@ -24,6 +24,14 @@ deduplicated across the whole corpus in that order (license texts repeat a lot);
 left with fewer than 200 characters are dropped.  Documents go to held-out when
 ``sha1(f"{seed}:{source}:{name}") % 40 == 0`` (about 2.5 %).
 
+Options for a model whose latent is spread out (``tests/assets/tiny-deepseek-spread``; see
+``results/fidelity/spectrum.md``): ``--heads`` (default 4); ``--retrieval-frac F`` replaces that share of
+each batch's windows by synthetic key/value retrieval documents (:mod:`sglang_tpla.retrieval`; the held-out
+perplexity stays on natural text only, and the exact match on ``retrieval.build_task(seed=1, n=32)`` is
+recorded); ``--latent-spread L`` adds ``L`` times :func:`spread_penalty` (``log(r / participation ratio)``
+of the batch's uncentred second moment of the cached latent ``u = c / RMS(c)``, mean over layers) to the
+loss.  Every run records the latent spectrum (:mod:`sglang_tpla.spectrum`) of the saved weights.
+
 The trainable module :class:`TrainableDeepseek` uses exactly the HF DeepSeek-V3 weight names of
 :func:`sglang_tpla.tiny_model.random_state_dict` and is checked against
 :class:`sglang_tpla.reference_model.ReferenceDeepseek` (mode ``mla``) in ``tests/test_train.py``.
@@ -237,6 +245,8 @@ class Attention(nn.Module):
         self.kv_b_proj = _lin(self.r, self.heads * (self.nope + self.vdim))
         self.o_proj = _lin(self.heads * self.vdim, hid)
         self.scale = softmax_scale(cfg)
+        self.keep_latent = False  # set by train(): keep u = c / RMS(c) of the last forward (spread penalty)
+        self.last_u = None
 
     def forward(self, x, cos, sin):
         b, t, _ = x.shape
@@ -244,6 +254,8 @@ class Attention(nn.Module):
         q = q.view(b, t, self.heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], -1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.rope], -1)
+        if self.keep_latent:
+            self.last_u = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + self.kv_a_layernorm.eps)
         kv = self.kv_b_proj(self.kv_a_layernorm(c)).view(b, t, self.heads, self.nope + self.vdim)
         k_nope, v = kv.split([self.nope, self.vdim], -1)
         q_pe = _rope(q_pe, cos, sin)
@@ -364,6 +376,51 @@ def unigram_nll(train_stream: torch.Tensor, targets: torch.Tensor, vocab: int) -
     return float(-logp[targets.flatten()].mean())
 
 
+def spread_penalty(u: torch.Tensor) -> torch.Tensor:
+    """``log(r * sum(lambda^2) / (sum lambda)^2)`` of the batch's uncentred second moment ``M = U^T U / N`` of the
+    cached latent ``u [.., r]`` (``lambda`` its eigenvalues, ``||M||_F^2 = sum lambda^2``): 0 for an isotropic
+    latent, ``log r`` for a rank-1 one (``r`` / participation ratio)."""
+    u = u.reshape(-1, u.shape[-1]).float()
+    m = u.T @ u / u.shape[0]
+    return torch.log(u.shape[-1] * m.pow(2).sum() / torch.diagonal(m).sum().pow(2))
+
+
+def retrieval_windows(tok, seed: int, start_doc: int, n: int, seq_len: int) -> tuple[torch.Tensor, int]:
+    """``n`` ``[seq_len + 1]`` windows of :func:`sglang_tpla.retrieval.training_document` s ``start_doc, ..``
+    (``<s> text </s>`` each, packed, the last one cut); returns the windows and the next document index."""
+    from .retrieval import training_document
+
+    rows, i = [], start_doc
+    for _ in range(n):
+        ids: list[int] = []
+        while len(ids) < seq_len + 1:
+            ids += tok.encode(training_document(seed, i)).ids + [1]
+            i += 1
+        rows.append(ids[: seq_len + 1])
+    return torch.tensor(rows, dtype=torch.long), i
+
+
+@torch.no_grad()
+def retrieval_exact_match(model: "TrainableDeepseek", tok, seed: int = 1, n: int = 32) -> float:
+    """Greedy exact match on :func:`sglang_tpla.retrieval.build_task` (``seed``, ``n``) with the trainable model
+    (exact MLA, full recompute per generated token)."""
+    from . import retrieval as R
+
+    model.eval()
+    outs, exs = [], R.build_task(seed, n)
+    for ex in exs:
+        ids = tok.encode(ex.prompt).ids
+        new: list[int] = []
+        for _ in range(len(tok.encode(ex.answer, add_special_tokens=False).ids) + 1):
+            nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+            if nxt == 1:
+                break
+            new.append(nxt)
+        outs.append(tok.decode(new))
+    model.train()
+    return R.score(outs, exs)
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -392,6 +449,9 @@ class TrainArgs:
     intermediate: int = 768
     max_corpus_chars: int | None = None
     threads: int = 1
+    retrieval_frac: float = 0.0  # share of each batch's windows that are synthetic retrieval documents
+    latent_spread: float = 0.0  # weight of spread_penalty (mean over layers) in the loss
+    final_windows: int = 0  # held-out windows for the final perplexity (0: all)
 
 
 def train(a: TrainArgs, command: str = "") -> dict:
@@ -430,6 +490,13 @@ def train(a: TrainArgs, command: str = "") -> dict:
     eval_wins = held_wins[eval_idx]
     uni_nll_eval = unigram_nll(train_stream, eval_wins[:, 1:], vocab)
 
+    n_retr = int(round(a.retrieval_frac * a.batch))
+    n_text = a.batch - n_retr
+    retr_doc = 0
+    if n_retr:
+        print(f"[retrieval] {n_retr} of {a.batch} windows per batch are synthetic retrieval documents", flush=True)
+    for layer in model.model.layers:
+        layer.self_attn.keep_latent = a.latent_spread > 0
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -450,17 +517,24 @@ def train(a: TrainArgs, command: str = "") -> dict:
     # progress with ETA on stderr; a time-bounded run knows its step count after 10 steps
     bar = tqdm(total=a.steps or None, unit="step", desc="train", file=sys.stderr, dynamic_ncols=True, leave=False)
     while step < total_steps:
-        if pos + a.batch > order.numel():
+        if pos + n_text > order.numel():
             order = torch.randperm(train_wins.shape[0], generator=gen)
             pos = 0
-        w = train_wins[order[pos : pos + a.batch]]
-        pos += a.batch
+        w = train_wins[order[pos : pos + n_text]]
+        pos += n_text
+        if n_retr:
+            rw, retr_doc = retrieval_windows(tok, a.seed, retr_doc, n_retr, a.seq_len)
+            w = torch.cat([w, rw])
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, total_steps, a.lr, a.warmup)
         logits = model(w[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten())
+        total = loss
+        if a.latent_spread > 0:
+            pen = torch.stack([spread_penalty(layer.self_attn.last_u) for layer in model.model.layers]).mean()
+            total = loss + a.latent_spread * pen
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip))
         opt.step()
         step += 1
@@ -483,20 +557,32 @@ def train(a: TrainArgs, command: str = "") -> dict:
                          "lr": opt.param_groups[0]["lr"], "train_loss": round(loss_v, 4), "train_loss_ema": round(ema, 4),
                          "heldout_nll": round(held, 4), "heldout_ppl": round(math.exp(held), 2), "grad_norm": round(gnorm, 3)})
             eta = f" (ETA {elapsed / step * (total_steps - step) / 60:.1f} min)" if total_steps < 10**9 else ""
+            extra = f" spread {pen.item():.3f}" if a.latent_spread > 0 else ""
             print(f"[step {step}/{total_steps}] {elapsed:7.0f}s{eta} loss {loss_v:.3f} (ema {ema:.3f}) held-out ppl "
-                  f"{math.exp(held):.1f} (unigram {math.exp(uni_nll_eval):.1f}) lr {opt.param_groups[0]['lr']:.2e} |g| {gnorm:.2f}", flush=True)
+                  f"{math.exp(held):.1f} (unigram {math.exp(uni_nll_eval):.1f}) lr {opt.param_groups[0]['lr']:.2e} |g| {gnorm:.2f}{extra}", flush=True)
         if last:
             break
     bar.close()
     train_s = time.time() - t0
+    for layer in model.model.layers:
+        layer.self_attn.keep_latent, layer.self_attn.last_u = False, None
 
     # final: whole held-out set, bf16 weights as saved (what serving and the evaluation see)
     sd = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
     final_model = load_trainable(cfg, sd)
-    final_nll = mean_nll(final_model, held_wins)
-    uni_nll = unigram_nll(train_stream, held_wins[:, 1:], vocab)
-    print(f"[final] held-out ppl {math.exp(final_nll):.2f} (bf16 weights, {held_wins.shape[0]} windows) vs unigram "
+    final_wins = held_wins[: a.final_windows] if a.final_windows else held_wins
+    final_nll = mean_nll(final_model, final_wins)
+    uni_nll = unigram_nll(train_stream, final_wins[:, 1:], vocab)
+    print(f"[final] held-out ppl {math.exp(final_nll):.2f} (bf16 weights, {final_wins.shape[0]} windows) vs unigram "
           f"{math.exp(uni_nll):.2f}", flush=True)
+    from .spectrum import KS, latent_moments, spectra
+
+    spec = spectra(latent_moments(cfg, sd, held_wins[: max(1, 16384 // (a.seq_len + 1)), :-1]))
+    print("[spectrum] uncentred energy of u = c / RMS(c) in the top " + "/".join(map(str, KS)) + " PCA components: "
+          + "; ".join(f"layer {i} " + "/".join(f"{v:.3f}" for v in row) for i, row in enumerate(spec["uncentred"])), flush=True)
+    retr_em = retrieval_exact_match(final_model, tok) if n_retr else None
+    if retr_em is not None:
+        print(f"[retrieval] exact match {retr_em:.3f} (retrieval.build_task(seed=1, n=32), bf16 weights, greedy)", flush=True)
 
     save_model(out, cfg, sd)
     save_bpe_tokenizer(out, tok)
@@ -513,10 +599,13 @@ def train(a: TrainArgs, command: str = "") -> dict:
         "params": n_params, "vocab": vocab, "steps": step, "schedule_steps": total_steps, "train_seconds": round(train_s, 1),
         "total_seconds": round(time.time() - t_start, 1),
         "train_tokens_seen": step * a.batch * a.seq_len, "train_tokens": int(train_stream.numel()),
-        "heldout_tokens": int(held_stream.numel()), "heldout_windows": int(held_wins.shape[0]),
+        "heldout_tokens": int(held_stream.numel()), "heldout_windows": int(final_wins.shape[0]),
         "heldout_ppl": round(math.exp(final_nll), 3), "unigram_ppl": round(math.exp(uni_nll), 3),
         "model_bytes": (out / "model.safetensors").stat().st_size,
         "load_avg_end": round(os.getloadavg()[0], 1),
+        "heads": a.heads, "retrieval_frac": a.retrieval_frac, "latent_spread": a.latent_spread,
+        "retrieval_exact_match": retr_em,
+        "spectrum_uncentred_top16_64_128_256": [[round(v, 4) for v in row] for row in spec["uncentred"]],
     }
     _write_report(out, a, cfg, summary, by_source, train_docs, held_docs, rows, command)
     return summary
@@ -584,7 +673,9 @@ def _write_report(out, a, cfg, s, by_source, train_docs, held_docs, rows, comman
         "",
         f"Reproduce without the wall-time dependence (same seed, same schedule): `python -m sglang_tpla.train --out DIR "
         f"--seed {a.seed} --batch {a.batch} --seq-len {a.seq_len} --lr {a.lr} --eval-every {a.eval_every} "
-        f"--threads {a.threads} --layers {a.layers} --hidden {a.hidden} --intermediate {a.intermediate} --steps {s['schedule_steps']} --minutes 100000`"
+        f"--threads {a.threads} --layers {a.layers} --hidden {a.hidden} --heads {a.heads} --intermediate {a.intermediate} "
+        f"--weight-decay {a.weight_decay} --retrieval-frac {a.retrieval_frac} --latent-spread {a.latent_spread} "
+        f"--steps {s['schedule_steps']} --minutes 100000`"
         + ("" if s["steps"] == s["schedule_steps"] else f" (this run stopped at step {s['steps']} on the wall-time budget)") + ".",
         "",
         "| step | tokens | train loss (EMA) | held-out ppl |",
@@ -626,6 +717,16 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--hidden", type=int, default=512, help="hidden size (default 512; keep it >= kv_lora_rank 512)")
     p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--heads", type=int, default=4, help="attention heads (qk_nope 128, rope 64, v 128 each; default 4)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the matrices (default 0.1)")
+    p.add_argument("--retrieval-frac", type=float, default=0.0,
+                   help="share of each batch's windows that are synthetic key/value retrieval documents "
+                   "(sglang_tpla.retrieval; default 0)")
+    p.add_argument("--latent-spread", type=float, default=0.0,
+                   help="weight of the latent spread penalty (log r/participation ratio of the batch's cached-latent "
+                   "second moment, mean over layers; default 0)")
+    p.add_argument("--final-windows", type=int, default=0,
+                   help="held-out windows for the final perplexity (default 0: all; for quick experiments)")
     args = p.parse_args(argv)
     if args.export_corpus:
         train_docs, _ = build_corpus(args.seed)
@@ -648,7 +749,9 @@ def main(argv=None) -> int:
     cmd = "python -m sglang_tpla.train " + " ".join(sys.argv[1:] if argv is None else argv)
     s = train(TrainArgs(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, batch=args.batch, lr=args.lr,
                          seq_len=args.seq_len, eval_every=args.eval_every, threads=args.threads,
-                         layers=args.layers, hidden=args.hidden, intermediate=args.intermediate), cmd)
+                         layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
+                         weight_decay=args.weight_decay, retrieval_frac=args.retrieval_frac,
+                         latent_spread=args.latent_spread, final_windows=args.final_windows), cmd)
     print(json.dumps(s), flush=True)
     return 0
 
