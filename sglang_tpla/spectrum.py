@@ -14,6 +14,13 @@ file's second moments (:meth:`sglang_tpla.reference_model.ReferenceDeepseek.late
 * ``uncentred`` (the default, what TPLA's slicing error depends on): eigenvalues of ``E[u u^T]``.
 * ``centred``: eigenvalues of the covariance ``E[(u - m)(u - m)^T]`` (the mean direction removed).
 * ``gain``: uncentred, of ``u * gamma`` (the unfolded cache of stock MLA), for comparison.
+* ``logit``: whether the attention reads those directions: with ``v_i``, ``lambda_i`` the uncentred PCA of
+  ``u`` and ``Q = E[a a^T]`` the second moment of the absorbed queries ``a = q_nope W_UK * gamma`` (all
+  heads; ``a . u`` is the latent part of the attention logit), the share
+  ``sum_{i<=k} lambda_i v_i^T Q v_i / sum_i lambda_i v_i^T Q v_i`` of the mean squared latent logit
+  ``E[(a . u)^2] = tr(Q E[u u^T])`` (query and key from independent tokens) carried by the top ``k``
+  components.  A latent whose energy sits in directions no query reads would show a spread
+  ``uncentred`` but a concentrated ``logit`` row.
 
 The text comes from the model folder's ``heldout.jsonl`` (``--data heldout``) or a ``.txt`` /
 ``.jsonl`` file, tokenised with the folder's tokenizer into windows of ``--seq-len`` tokens.
@@ -33,7 +40,7 @@ from pathlib import Path
 import torch
 
 KS = (16, 64, 128, 256)
-KINDS = ("uncentred", "centred", "gain")
+KINDS = ("uncentred", "centred", "gain", "logit")
 
 
 def text_windows(model_path: str | Path, data: str = "heldout", seq_len: int = 256, num_tokens: int = 16384) -> torch.Tensor:
@@ -60,14 +67,16 @@ def text_windows(model_path: str | Path, data: str = "heldout", seq_len: int = 2
 
 @torch.no_grad()
 def latent_moments(cfg: dict, sd: dict[str, torch.Tensor], windows: torch.Tensor, batch: int = 4) -> list[dict]:
-    """Per layer: ``second`` = sum of ``u u^T``, ``first`` = sum of ``u`` (float64), ``n`` tokens, ``gamma``."""
+    """Per layer: ``second`` = sum of ``u u^T``, ``first`` = sum of ``u`` (float64), ``n`` tokens, ``gamma``,
+    ``query`` = sum over tokens and heads of ``a a^T`` (absorbed queries ``a = q_nope W_UK * gamma``)."""
     from .reference import normalize_latent
     from .train import load_trainable
 
     model = load_trainable(cfg, sd).eval()
     r, eps = cfg["kv_lora_rank"], float(cfg["rms_norm_eps"])
     stats = [{"second": torch.zeros(r, r, dtype=torch.float64), "first": torch.zeros(r, dtype=torch.float64), "n": 0,
-              "gamma": layer.self_attn.kv_a_layernorm.weight.detach().double().clone()} for layer in model.model.layers]
+              "gamma": layer.self_attn.kv_a_layernorm.weight.detach().double().clone(),
+              "query": torch.zeros(r, r, dtype=torch.float64)} for layer in model.model.layers]
     hooks = []
     for i, layer in enumerate(model.model.layers):
         def hook(mod, inp, out, i=i):
@@ -76,6 +85,14 @@ def latent_moments(cfg: dict, sd: dict[str, torch.Tensor], windows: torch.Tensor
             stats[i]["first"] += u.sum(0)
             stats[i]["n"] += u.shape[0]
         hooks.append(layer.self_attn.kv_a_proj_with_mqa.register_forward_hook(hook))
+        att = layer.self_attn
+        w_uk = att.kv_b_proj.weight.detach().double().view(att.heads, att.nope + att.vdim, r)[:, : att.nope]
+
+        def qhook(mod, inp, out, i=i, att=att, w_uk=w_uk):
+            q_nope = out.reshape(-1, att.heads, att.nope + att.rope)[..., : att.nope].double()
+            a = torch.einsum("thn,hnr->thr", q_nope, w_uk).reshape(-1, r) * stats[i]["gamma"]
+            stats[i]["query"] += a.T @ a
+        hooks.append((att.q_b_proj if att.q_lora else att.q_proj).register_forward_hook(qhook))
     try:
         for i in range(0, windows.shape[0], batch):
             model(windows[i : i + batch])
@@ -100,6 +117,9 @@ def spectra(stats: list[dict], ks=KS) -> dict[str, list[list[float]]]:
         out["uncentred"].append(energy_fractions(torch.linalg.eigvalsh(m2), ks))
         out["centred"].append(energy_fractions(torch.linalg.eigvalsh(m2 - torch.outer(mean, mean)), ks))
         out["gain"].append(energy_fractions(torch.linalg.eigvalsh(g[:, None] * m2 * g[None, :]), ks))
+        lam, vec = torch.linalg.eigh(m2)
+        w = (lam.clamp_min(0) * torch.einsum("ri,rs,si->i", vec, s["query"], vec)).flip(0)  # largest lambda first
+        out["logit"].append([float(w[:k].sum() / w.sum()) for k in ks])
     return out
 
 
@@ -123,7 +143,10 @@ def markdown(results: list[dict]) -> str:
     lines = []
     head = " | ".join(f"top {k}" for k in ks)
     for kind in KINDS:
-        lines += [f"**{kind}**" + (" (the cached vector `u = c / RMS(c)`; what TPLA's slicing error depends on)" if kind == "uncentred" else ""), "",
+        note = {"uncentred": " (the cached vector `u = c / RMS(c)`; what TPLA's slicing error depends on)",
+                "centred": " (covariance of `u`)", "gain": " (`u * gamma`, the unfolded stock-MLA cache)",
+                "logit": " (share of the mean squared latent logit `E[(a . u)^2]` in the top-k components of `u`)"}[kind]
+        lines += [f"**{kind}**{note}", "",
                   f"| model | layer | {head} |", "|---|---|" + "---|" * len(ks)]
         for r in results:
             for i, row in enumerate(r[kind]):
