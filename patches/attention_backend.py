@@ -282,7 +282,7 @@ class TPLAAttnBackend(AttentionBackend):
 def _graph_phases(result, server_args, *args, **kwargs):
     """AFTER handle_cuda_graph_config: with ``tpla`` selected, decode CUDA graphs stay as SGLang
     resolved them (this backend captures); prefill-phase graphs are switched off (TPLA's extend
-    hooks loop over requests and read host lengths, which a graph cannot replay).  Logged."""
+    hooks build their tiling and indices from host lengths per batch, which a graph cannot replay).  Logged."""
     from sglang.srt.arg_groups.cuda_graph_hook import declare_resolution, resolving_view
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
 

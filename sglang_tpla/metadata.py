@@ -185,5 +185,5 @@ def build_extend_index(
     (fill or gather_kv_indices)(req_to_token, req_pool_indices, kv_lens, kv_indptr, kv_indices, nnz)
     return ExtendIndex(
         kv_indptr, kv_indices, q_req, q_lim.to(torch.int32), qo_indptr_cpu, kv_indptr_cpu, kv_lens_cpu,
-        max(prefix[b] + ext[b] for b in range(bs)) if bs else 0, total_q,
+        int(kv_lens_cpu.max()) if bs else 0, total_q,
     )  # fmt: skip

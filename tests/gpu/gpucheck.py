@@ -479,8 +479,9 @@ def worker(args) -> int:
 
 EXPLAIN = """\
 How to read this report
-- numerics: the Triton kernel (`tpla_decode_attention`) against the fp32 reference
-  (`sglang_tpla.reference.latent_attention` per request, on the same rounded / dequantized inputs).
+- numerics: the Triton kernel (`tpla_decode_attention`; `extend_*` cases: `tpla_extend_attention`, one row
+  per query token) against the fp32 reference (`sglang_tpla.reference.latent_attention` per request or per
+  query token over its causal keys, on the same rounded / dequantized inputs).
   `max|err|` is the largest absolute error over all outputs; a case passes when every element has
   `|out - ref| <= atol + rtol*|ref|` (the `tol` column), `err/tol` is the worst element's share of its
   bound (<= 1 passes), `relL2` = ||out - ref|| / ||ref||.  Outputs are NaN-poisoned before the call
