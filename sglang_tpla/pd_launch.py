@@ -51,6 +51,7 @@ class PDSpec:
     fold_on_prefill: bool = True  # False: the checkpoint is converted, prefill needs no options
     prefill_args: list[str] = field(default_factory=list)
     decode_args: list[str] = field(default_factory=list)
+    router_args: list[str] = field(default_factory=list)  # extra sglang_router.launch_router args (health checks, retries)
     env: dict = field(default_factory=dict)
     log_dir: str = "pd-logs"
     startup_timeout: float = 900.0
@@ -152,7 +153,7 @@ class PDDeployment:
         ]
         for p, b in zip(self.prefills, self.bootstrap_ports):
             cmd += ["--prefill", p.url, str(b)]
-        cmd += ["--decode", self.decode.url]
+        cmd += ["--decode", self.decode.url, *self.spec.router_args]
         print(f"[pd] starting router: {' '.join(cmd[1:])}", flush=True)
         self._router_log = open(self.log_dir / "router.log", "w")
         self.router = subprocess.Popen(cmd, env=default_env(), stdout=self._router_log, stderr=subprocess.STDOUT,
@@ -172,6 +173,19 @@ class PDDeployment:
             except (urllib.error.URLError, ConnectionError, OSError, KeyError):
                 time.sleep(2)
         raise ServerError(f"router not serving after {timeout:.0f} s; see {self.log_dir / 'router.log'}")
+
+    def restart_prefill(self, i: int = 0) -> ServerProcess:
+        """Start prefill node ``i`` again (after it died or was killed) with the same command, port and
+        bootstrap port, so that the router and the decode node reach it at the addresses they know;
+        its log goes to ``prefill{i}.restart{n}.log``."""
+        old = self.prefills[i]
+        old.stop()  # whatever is left of its process group
+        n = len(list(self.log_dir.glob(f"prefill{i}.restart*.log"))) + 1
+        new = ServerProcess(old.model_path, old.tp, old.args, env=old.env, log_path=self.log_dir / f"prefill{i}.restart{n}.log",
+                            port=old.port, name=f"prefill{i}", startup_timeout=old.startup_timeout, ready_path=old.ready_path)
+        self.prefills[i] = new
+        new.start()
+        return new.wait_ready()
 
     def stop(self) -> None:
         if self.router is not None and self.router.poll() is None:
