@@ -18,8 +18,8 @@ What it does (all through SGLang's plugin seams, no SGLang source change):
   ``use_pynccl=False`` hook is needed in 0.5.23), fused ops dispatch to ``forward_native``,
   eager compile backend with dynamo disabled, memory from psutil (``CpuDeviceMixin``),
   gloo process groups, CPU group coordinators, and server-arg defaults (device cpu,
-  attention torch_native, sampling pytorch, CUDA graphs off, one core list per TP rank in
-  ``SGLANG_CPU_OMP_THREADS_BIND``).
+  attention torch_native, sampling pytorch, CUDA graphs off, ``--sleep-on-idle``, one core list
+  per TP rank in ``SGLANG_CPU_OMP_THREADS_BIND``).
 * :func:`install` (called from the ``sglang.srt.plugins`` entry point in every process),
   only when the platform is selected:
 
@@ -203,6 +203,11 @@ class TPLACpuPlatform(CpuDeviceMixin, SRTPlatform):
                 server_args.cuda_graph_config = cfg
         except (ImportError, AttributeError) as e:  # graph capture is off anyway (capabilities)
             logger.warning("tpla_cpu: could not switch CUDA graph config off: %s", e)
+        # An idle SGLang scheduler polls its sockets in a loop, a whole core each; on this platform the
+        # ranks share the machine's cores with other servers and the client, so rank 0 sleeps in
+        # SGLang's own IdleSleeper (zmq poll: a request wakes it at once; the other ranks wait in
+        # their broadcast from rank 0).
+        server_args.sleep_on_idle = True
         tp = int(getattr(server_args, "tp_size", 1) or 1)
         pp = int(getattr(server_args, "pp_size", 1) or 1)
         dp = int(getattr(server_args, "dp_size", 1) or 1)

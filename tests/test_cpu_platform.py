@@ -257,6 +257,7 @@ def test_server_arg_defaults(cpu_platform, monkeypatch):
     cpu_platform.TPLACpuPlatform().apply_server_args_defaults(args)
     assert (args.device, args.attention_backend, args.sampling_backend) == ("cpu", "torch_native", "pytorch")
     assert args.cuda_graph_config.decode.backend == args.cuda_graph_config.prefill.backend == Backend.DISABLED
+    assert args.sleep_on_idle is True  # an idle TP=2 server otherwise polls at ~1.5 cores (measured 2026-12-06)
     bind = os.environ["SGLANG_CPU_OMP_THREADS_BIND"].split("|")
     assert len(bind) == 2 and all(cpu_platform.parse_cpu_list(b) for b in bind)
     # an explicit choice is kept
