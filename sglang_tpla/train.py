@@ -452,6 +452,7 @@ class TrainArgs:
     retrieval_frac: float = 0.0  # share of each batch's windows that are synthetic retrieval documents
     latent_spread: float = 0.0  # weight of spread_penalty (mean over layers) in the loss
     final_windows: int = 0  # held-out windows for the final perplexity (0: all)
+    init_from: str | None = None  # continue from this model folder (its config, weights and tokenizer)
 
 
 def train(a: TrainArgs, command: str = "") -> dict:
@@ -469,7 +470,16 @@ def train(a: TrainArgs, command: str = "") -> dict:
     print(f"[corpus] train {len(train_docs)} docs {sum(len(d.text) for d in train_docs):,} chars; "
           f"held-out {len(held_docs)} docs {sum(len(d.text) for d in held_docs):,} chars; {by_source}", flush=True)
 
-    tok = train_tokenizer((d.text for d in train_docs), a.vocab)
+    if a.init_from:
+        from tokenizers import Tokenizer
+
+        from .tiny_model import load_model
+
+        tok = Tokenizer.from_file(str(Path(a.init_from) / "tokenizer.json"))
+        init_cfg, init_sd = load_model(a.init_from, dtype=torch.float32)
+        print(f"[init] continuing from {a.init_from} (its config, weights and tokenizer)", flush=True)
+    else:
+        tok = train_tokenizer((d.text for d in train_docs), a.vocab)
     vocab = tok.get_vocab_size()
     train_stream = torch.tensor([i for ids in encode_documents(tok, train_docs) for i in ids], dtype=torch.long)
     held_stream = torch.tensor([i for ids in encode_documents(tok, held_docs) for i in ids], dtype=torch.long)
@@ -479,7 +489,11 @@ def train(a: TrainArgs, command: str = "") -> dict:
         num_hidden_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads,
         vocab_size=vocab, intermediate_size=a.intermediate, torch_dtype="bfloat16",
     )
-    model = TrainableDeepseek(cfg).init_weights(a.seed)
+    if a.init_from:
+        cfg = init_cfg
+        model = load_trainable(cfg, init_sd)
+    else:
+        model = TrainableDeepseek(cfg).init_weights(a.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[model] {n_params:,} parameters", flush=True)
 
@@ -675,7 +689,7 @@ def _write_report(out, a, cfg, s, by_source, train_docs, held_docs, rows, comman
         f"--seed {a.seed} --batch {a.batch} --seq-len {a.seq_len} --lr {a.lr} --eval-every {a.eval_every} "
         f"--threads {a.threads} --layers {a.layers} --hidden {a.hidden} --heads {a.heads} --intermediate {a.intermediate} "
         f"--weight-decay {a.weight_decay} --retrieval-frac {a.retrieval_frac} --latent-spread {a.latent_spread} "
-        f"--steps {s['schedule_steps']} --minutes 100000`"
+        + (f"--init-from {a.init_from} " if a.init_from else "") + f"--steps {s['schedule_steps']} --minutes 100000`"
         + ("" if s["steps"] == s["schedule_steps"] else f" (this run stopped at step {s['steps']} on the wall-time budget)") + ".",
         "",
         "| step | tokens | train loss (EMA) | held-out ppl |",
@@ -727,6 +741,8 @@ def main(argv=None) -> int:
                    "second moment, mean over layers; default 0)")
     p.add_argument("--final-windows", type=int, default=0,
                    help="held-out windows for the final perplexity (default 0: all; for quick experiments)")
+    p.add_argument("--init-from", help="continue training this model folder (its config, weights and tokenizer; "
+                   "--layers/--hidden/--heads/--intermediate are ignored)")
     args = p.parse_args(argv)
     if args.export_corpus:
         train_docs, _ = build_corpus(args.seed)
@@ -751,7 +767,8 @@ def main(argv=None) -> int:
                          seq_len=args.seq_len, eval_every=args.eval_every, threads=args.threads,
                          layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
                          weight_decay=args.weight_decay, retrieval_frac=args.retrieval_frac,
-                         latent_spread=args.latent_spread, final_windows=args.final_windows), cmd)
+                         latent_spread=args.latent_spread, final_windows=args.final_windows,
+                         init_from=args.init_from), cmd)
     print(json.dumps(s), flush=True)
     return 0
 
