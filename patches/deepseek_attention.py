@@ -163,38 +163,53 @@ def _gather_latent(rows: torch.Tensor, rt) -> torch.Tensor:
     return torch.cat([parts[rt.layout.group_ranks(j)[0]][:, :d] for j in range(rt.layout.g)], dim=-1)
 
 
-def _extend_keys(backend, forward_batch, num_heads: int):
-    """The batch's key slots (each request's cached prefix, then its new tokens) and the extend tiling,
-    computed once per forward (not per layer) from SGLang's host lengths: no device value is read on
-    the host."""
-    cached = getattr(forward_batch, "_tpla_extend_keys", None)
-    if cached is None:
-        from sglang_tpla.kernels.torch_extend import plan_extend
-        from sglang_tpla.metadata import gather_kv_indices
-
-        prefix_lens = [int(p) for p in forward_batch.extend_prefix_lens_cpu]
-        ext_lens = [int(n) for n in forward_batch.extend_seq_lens_cpu]
-        kv_lens = [p + n for p, n in zip(prefix_lens, ext_lens)]
-        dev = forward_batch.req_pool_indices.device
-        lens = torch.tensor(kv_lens, dtype=torch.int32).to(dev)
-        indptr = torch.zeros(len(kv_lens) + 1, dtype=torch.int32, device=dev)
-        torch.cumsum(lens, 0, dtype=torch.int32, out=indptr[1:])
-        slots = torch.empty(sum(kv_lens), dtype=torch.long, device=dev)
-        gather_kv_indices(backend.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, lens, indptr, slots, slots.numel())
-        cached = forward_batch._tpla_extend_keys = (slots, plan_extend(prefix_lens, ext_lens, dev, num_heads))
-    return cached
-
-
-def _kernel_backend(backend):
-    """The rank's ``tpla`` decode backend (``backend`` itself, or the decode half of SGLang's hybrid
-    prefill/decode backend) when its per-rank choice (:mod:`sglang_tpla.kernels.select`) is a GPU
-    kernel, ``flashinfer`` or ``triton``; ``None`` for the plain-PyTorch choice (CPU, or forced)."""
+def _tpla_backend(backend):
+    """The rank's ``tpla`` decode backend: ``backend`` itself or the decode half of SGLang's hybrid
+    prefill/decode backend (``None`` if neither is)."""
     from .attention_backend import TPLAAttnBackend
 
     for b in (backend, getattr(backend, "decode_backend", None)):
         if isinstance(b, TPLAAttnBackend):
-            return b if b.choice.impl in ("flashinfer", "triton") else None
+            return b
     return None
+
+
+def _kernel_backend(backend):
+    """The rank's ``tpla`` decode backend when its per-rank choice (:mod:`sglang_tpla.kernels.select`) is
+    a GPU kernel, ``flashinfer`` or ``triton``; ``None`` for the plain-PyTorch choice (CPU, or forced)."""
+    tb = _tpla_backend(backend)
+    return tb if tb is not None and tb.choice.impl in ("flashinfer", "triton") else None
+
+
+def _extend_index(backend, forward_batch):
+    """The batch's :class:`sglang_tpla.metadata.ExtendIndex` (key slots: each request's cached prefix,
+    then its new tokens; per-token request and causal limit), built once per forward (not per layer)
+    from SGLang's host lengths, with the rank's slot gather (SGLang's index kernel on CUDA).  Every
+    extend route reads it: the tiled torch path and the kernel routes."""
+    index = getattr(forward_batch, "_tpla_extend_index", None)
+    if index is None:
+        from sglang_tpla.metadata import build_extend_index
+
+        tb = _tpla_backend(backend)
+        index = forward_batch._tpla_extend_index = build_extend_index(
+            backend.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, forward_batch.extend_prefix_lens_cpu,
+            forward_batch.extend_seq_lens_cpu, fill=None if tb is None else tb._fill,
+        )  # fmt: skip
+    return index
+
+
+def _extend_keys(backend, forward_batch, num_heads: int):
+    """The batch's key slots (:func:`_extend_index`) and the torch path's tiling, once per forward."""
+    cached = getattr(forward_batch, "_tpla_extend_keys", None)
+    if cached is None:
+        from sglang_tpla.kernels.torch_extend import plan_extend
+
+        index = _extend_index(backend, forward_batch)
+        plan = plan_extend(
+            forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu, index.kv_indices.device, num_heads
+        )
+        cached = forward_batch._tpla_extend_keys = (index.kv_indices, plan)
+    return cached
 
 
 _fallbacks_logged = 0
@@ -208,12 +223,7 @@ def _kernel_extend_step(tb, forward_batch):
     global _fallbacks_logged
     step = getattr(forward_batch, "_tpla_extend_kernel", None)
     if step is None:
-        from sglang_tpla.metadata import build_extend_index
-
-        index = build_extend_index(
-            tb.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, forward_batch.extend_prefix_lens_cpu,
-            forward_batch.extend_seq_lens_cpu, fill=tb._fill,
-        )  # fmt: skip
+        index = _extend_index(tb, forward_batch)
         fi = None
         if tb.choice.impl == "flashinfer" and index.num_tokens:
             fi = tb.extend_flashinfer()
