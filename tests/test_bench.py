@@ -37,3 +37,33 @@ def test_attention_shapes_per_rank():
     assert cases["kimi-k2", 8, "mla", 1].heads == 8
     t = traffic(cases["deepseek-v3", 2, "tpla", 2])
     assert t["kv_bytes"] == 8 * 4096 * 320 * 2 and t["flops"] == 2 * 8 * 128 * 4096 * (2 * 256 + 64)
+
+
+def test_prefill_table_row_says_which_server_failed_and_gives_no_ratio():
+    from sglang_tpla.bench.prefill import _cells
+
+    mla = {"s": {2048: 2.0}, "mib": {2048: 1000.0}, "failed": {16384: "ConnectionError after 40 s, server exited with -9"}}
+    tpla = {"s": {2048: 1.0, 16384: 50.0}, "mib": {2048: 1100.0, 16384: 1200.0}, "failed": {}}
+    assert _cells(mla, tpla, 2048) == "| 2048 | 2.00 | 1.00 | 0.50x | 1000 | 1100 | 1.10x |"
+    row = _cells(mla, tpla, 16384)
+    assert "failed: ConnectionError after 40 s, server exited with -9" in row and "50.00" in row and "1200" in row
+    assert "x |" not in row  # no ratio against a failed server
+
+
+def test_prefill_rss_guard_kills_a_server_whose_scheduler_passes_the_limit():
+    """A stand-in server: a process group whose child is named like a scheduler and holds ~200 MB."""
+    import time
+    from types import SimpleNamespace
+
+    from sglang_tpla.bench.prefill import RssGuard
+
+    hog = "x = bytearray(200 * 2**20); import time; time.sleep(60)"
+    proc = subprocess.Popen(["bash", "-c", f'exec -a sglang::scheduler {sys.executable} -c "{hog}" & wait'], start_new_session=True)
+    try:
+        with RssGuard(SimpleNamespace(proc=proc), limit_gb=0.1) as guard:
+            proc.wait(timeout=30)
+        assert 0.1 < guard.tripped < 1.0
+        assert proc.returncode == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
