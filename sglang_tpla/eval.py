@@ -400,13 +400,27 @@ def _data_free_rotation(kind: str, d: int, seed: int):
     return None if kind == "none" else make_rotation(kind, d, seed=seed)
 
 
+def reference_model_for(cfg: dict, sd: dict, key: str, rots, seed: int = 0):
+    """The fp32 :class:`~sglang_tpla.reference_model.ReferenceDeepseek` for a :func:`reference_mode` key:
+    ``sd`` (fp32) with the variant's transform folded in (``rots`` per layer from the calibration file,
+    else the data-free rotation ``key`` names; ``none``: the weights as they are)."""
+    from .reference_model import ReferenceDeepseek
+    from .transforms import fold_state_dict
+
+    if rots is not None:
+        w = fold_state_dict(sd, dict(enumerate(rots)))
+    elif key == "none":
+        w = sd
+    else:
+        w = fold_state_dict(sd, _data_free_rotation(key, cfg["kv_lora_rank"], seed))
+    return ReferenceDeepseek(cfg, w)
+
+
 def reference_check(model_path: str, runs: dict, docs: list[Doc], seed: int = 0, calibration: str | None = None) -> dict[str, float]:
     """Max |served - fp32 reference| over the full teacher-forced distributions, per variant
     (dense models only): the reference's ``score(ids, prompt_len, mode)``, row ``P-1+k`` for
     forced position ``k``."""
-    from .reference_model import ReferenceDeepseek
     from .tiny_model import load_model
-    from .transforms import fold_state_dict
 
     cfg, sd = load_model(model_path, dtype=torch.float32)
     calib = None
@@ -422,13 +436,7 @@ def reference_check(model_path: str, runs: dict, docs: list[Doc], seed: int = 0,
             continue
         key, rots, mode = rm
         if key not in models:
-            if rots is not None:
-                w = fold_state_dict(sd, dict(enumerate(rots)))
-            elif key == "none":
-                w = sd
-            else:
-                w = fold_state_dict(sd, _data_free_rotation(key, cfg["kv_lora_rank"], seed))
-            models[key] = ReferenceDeepseek(cfg, w)
+            models[key] = reference_model_for(cfg, sd, key, rots, seed)
         worst = 0.0
         for doc, dist in zip(docs, run.dists):
             ids, p = doc.prompt + doc.continuation, len(doc.prompt)

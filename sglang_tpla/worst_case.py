@@ -1,0 +1,166 @@
+"""The worst case for TPLA's transforms: a random-weight tiny DeepSeek-V3 with sharp attention (issue #17 item 2).
+
+A random model's latent is full-rank by construction (no training has concentrated it), so ``pca``
+and ``fit`` have no structure to exploit; scaling the query projection makes the attention sharp,
+so each latent group's own softmax has more to get wrong.
+
+    python -m sglang_tpla.worst_case build --out DIR [--seed 0] [--q-scale S] [--vocab 1024]
+    python -m sglang_tpla.worst_case text --out FILE --vocab 1024 --num-tokens N --seed 1
+    python -m sglang_tpla.worst_case sharpness --model-path DIR [DIR ...] [--num-seqs 4] [--seq-len 320]
+
+* ``build``: :func:`sglang_tpla.tiny_model.build_tiny_model_dir` with the trained asset's shape (3
+  dense layers, hidden 512, 4 heads, intermediate 768, q_lora_rank 192, real MLA dims), then every
+  ``q_b_proj`` weight multiplied by ``--q-scale``: both parts of every attention logit (latent and
+  RoPE) grow by that factor.  Nothing else changes.  The folder is reproducible from the seed and
+  the scale, so it need not be kept.
+* ``text``: seeded uniform random words ``w<id>`` (the tiny tokenizer's words), in paragraphs of 512,
+  as calibration / spectrum data.
+* ``sharpness``: exact-MLA attention statistics of the fp32 reference model on seeded uniform random
+  token sequences: per layer, the mean over heads and query positions ``>= --from-pos`` of the largest
+  attention weight and of the attention entropy (nats), next to the uniform distribution's (``1/L``,
+  ``log L``).
+
+Pure PyTorch: no sglang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+SHAPE = dict(num_hidden_layers=3, hidden_size=512, num_attention_heads=4, intermediate_size=768, q_lora_rank=192)
+
+
+def build(out: str | Path, seed: int = 0, q_scale: float = 1.0, vocab: int = 1024) -> Path:
+    """A random tiny model with the trained asset's shape and ``q_b_proj`` scaled by ``q_scale``."""
+    from .tiny_model import build_tiny_model_dir, load_model, save_model
+
+    out = Path(out)
+    build_tiny_model_dir(out, seed=seed, vocab_size=vocab, **SHAPE)
+    cfg, sd = load_model(out)
+    for k in sd:
+        if k.endswith("self_attn.q_b_proj.weight"):
+            sd[k] = sd[k] * q_scale
+    cfg["tpla_worst_case"] = {"seed": seed, "q_scale": q_scale}  # provenance; SGLang ignores unknown keys
+    save_model(out, cfg, sd)
+    return out
+
+
+def random_ids(vocab: int, n: int, seed: int) -> list[int]:
+    """``n`` seeded uniform token ids in ``[4, vocab)`` (no special tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (n,), generator=gen).tolist()
+
+
+def write_text(path: str | Path, vocab: int, num_tokens: int, seed: int, paragraph: int = 512) -> Path:
+    """Random words ``w<id>`` (one token each with the tiny tokenizer), paragraphs of ``paragraph`` words."""
+    ids = random_ids(vocab, num_tokens, seed)
+    paras = [" ".join(f"w{i}" for i in ids[j : j + paragraph]) for j in range(0, len(ids), paragraph)]
+    path = Path(path)
+    path.write_text("\n\n".join(paras) + "\n")
+    return path
+
+
+def attention_stats(probs: torch.Tensor) -> tuple[float, float, float, float]:
+    """Sums over rows of ``probs [..., L]`` (one attention distribution per row, zeros masked):
+    (sum of max weight, sum of entropy in nats, sum of 1/L_eff, sum of log L_eff) with ``L_eff`` the
+    number of keys a row may see (its non-masked entries)."""
+    p = probs.double().reshape(-1, probs.shape[-1])
+    seen = (p > 0).sum(-1).clamp_min(1).double()  # every visible key has positive weight in fp32 softmax
+    ent = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+    return float(p.max(-1).values.sum()), float(ent.sum()), float((1 / seen).sum()), float(seen.log().sum())
+
+
+def sharpness(model_path: str | Path, num_seqs: int = 4, seq_len: int = 320, from_pos: int = 64, seed: int = 0) -> dict:
+    """Exact-MLA attention sharpness of a model on seeded uniform random token sequences."""
+    from . import reference_model as RM
+    from .tiny_model import load_model
+
+    cfg, sd = load_model(model_path, dtype=torch.float32)
+    model = RM.ReferenceDeepseek(cfg, sd)
+    layers = cfg["num_hidden_layers"]
+    acc = [[0.0, 0.0, 0.0, 0.0, 0] for _ in range(layers)]
+    state = {"layer": 0}
+    orig = RM.latent_attention
+
+    def recording(q_lat, q_pe, ckv, kpe, sm_scale, mu=None, causal_offset=None):
+        # the reference's own logits, recomputed here to keep the probabilities
+        lat = torch.einsum("thd,ld->thl", q_lat, ckv)
+        logits = (lat + torch.einsum("thp,lp->thl", q_pe, kpe)) * sm_scale
+        keys = torch.arange(ckv.shape[0])
+        allowed = keys[None, :] <= (causal_offset + torch.arange(q_lat.shape[0]))[:, None]
+        probs = torch.softmax(logits.masked_fill(~allowed[:, None, :], float("-inf")), -1)[from_pos:]
+        a = acc[state["layer"] % layers]
+        for j, v in enumerate(attention_stats(probs)):
+            a[j] += v
+        a[4] += probs.shape[0] * probs.shape[1]
+        state["layer"] += 1
+        return orig(q_lat, q_pe, ckv, kpe, sm_scale, mu, causal_offset)
+
+    RM.latent_attention = recording
+    try:
+        for s in range(num_seqs):
+            ids = random_ids(cfg["vocab_size"], seq_len, seed + s)
+            model.forward(ids, 0, model.new_cache(), RM.AttentionMode("mla"), decode=False)
+    finally:
+        RM.latent_attention = orig
+    rows = [{"layer": i, "mean_max_weight": a[0] / a[4], "mean_entropy": a[1] / a[4],
+             "uniform_max_weight": a[2] / a[4], "uniform_entropy": a[3] / a[4]} for i, a in enumerate(acc)]
+    return {"model": str(model_path), "q_scale": (cfg.get("tpla_worst_case") or {}).get("q_scale"),
+            "num_seqs": num_seqs, "seq_len": seq_len, "from_pos": from_pos, "seed": seed, "layers": rows,
+            "mean_max_weight": sum(r["mean_max_weight"] for r in rows) / layers,
+            "mean_entropy": sum(r["mean_entropy"] for r in rows) / layers,
+            "uniform_entropy": rows[0]["uniform_entropy"], "uniform_max_weight": rows[0]["uniform_max_weight"]}
+
+
+def sharpness_markdown(results: list[dict]) -> str:
+    lines = ["| model | q scale | layer | mean max weight | mean entropy (nats) | uniform: max weight / entropy |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        for row in r["layers"]:
+            lines.append(f"| {Path(r['model']).name} | {r['q_scale']} | {row['layer']} | {row['mean_max_weight']:.3f} | "
+                         f"{row['mean_entropy']:.3f} | {row['uniform_max_weight']:.4f} / {row['uniform_entropy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sglang_tpla.worst_case", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="random tiny model with the trained asset's shape and scaled queries")
+    b.add_argument("--out", required=True)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--q-scale", type=float, default=1.0)
+    b.add_argument("--vocab", type=int, default=1024)
+    t = sub.add_parser("text", help="seeded random words as calibration / spectrum text")
+    t.add_argument("--out", required=True)
+    t.add_argument("--vocab", type=int, default=1024)
+    t.add_argument("--num-tokens", type=int, required=True)
+    t.add_argument("--seed", type=int, default=1)
+    s = sub.add_parser("sharpness", help="exact-MLA attention sharpness on random token sequences")
+    s.add_argument("--model-path", nargs="+", required=True)
+    s.add_argument("--num-seqs", type=int, default=4)
+    s.add_argument("--seq-len", type=int, default=320)
+    s.add_argument("--from-pos", type=int, default=64, help="query positions counted: >= this")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--json", help="also write the numbers to this file")
+    a = p.parse_args(argv)
+    if a.cmd == "build":
+        print(build(a.out, a.seed, a.q_scale, a.vocab))
+    elif a.cmd == "text":
+        print(write_text(a.out, a.vocab, a.num_tokens, a.seed))
+    else:
+        torch.set_num_threads(a.threads)
+        res = [sharpness(m, a.num_seqs, a.seq_len, a.from_pos, a.seed) for m in a.model_path]
+        print(sharpness_markdown(res))
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
