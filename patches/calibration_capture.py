@@ -199,9 +199,9 @@ _state: _State | None = None
 
 
 def _is_rank0() -> bool:
-    from sglang.srt.distributed.parallel_state import get_attn_tp_group
+    from sglang.srt.runtime_context import get_parallel
 
-    return get_attn_tp_group().rank_in_group == 0
+    return get_parallel().attn_tp_group.rank_in_group == 0
 
 
 def _get_state() -> _State | None:

@@ -150,10 +150,10 @@ def _core(orig, self, q_pe, k_pe, q_nope_out, k_nope, forward_batch, *args, **kw
 def _gather_latent(rows: torch.Tensor, rt) -> torch.Tensor:
     """``[n, D + rope]`` rows of this rank's slice -> the full ``[n, R]`` latent, across the latent groups
     (one all-gather over the attention TP group)."""
-    from sglang.srt.distributed.parallel_state import get_attn_tp_group
+    from sglang.srt.runtime_context import get_parallel
 
     d = rt.layout.slice_width
-    group = get_attn_tp_group()
+    group = get_parallel().attn_tp_group
     wire = rows.contiguous()
     if wire.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # fp8 KV cache: collectives move bytes
         wire = wire.view(torch.uint8)

@@ -55,7 +55,7 @@ logger = logging.getLogger("sglang_tpla")
 HOOK_TARGETS = (
     "sglang.srt.models.deepseek_common.deepseek_weight_loader.DeepseekV2WeightLoaderMixin.post_load_weights",
     "sglang.srt.layers.quantization.fp8.Fp8LinearMethod.validate_block_quant_shapes",
-    "sglang.srt.distributed.parallel_state.get_attn_tp_group",
+    "sglang.srt.runtime_context.get_parallel",
     "sglang.srt.layers.linear.ReplicatedLinear",
     "sglang.srt.layers.quantization.unquant.UnquantizedLinearMethod",
 )

@@ -100,9 +100,9 @@ def head_peers(tp: int, g: int, rank: int) -> HeadPeers:
     if g == 1:
         peers = HeadPeers(1, 0, None)
     else:
-        from sglang.srt.distributed.parallel_state import get_attn_tp_group
+        from sglang.srt.runtime_context import get_parallel
 
-        tp_group = get_attn_tp_group()
+        tp_group = get_parallel().attn_tp_group
         if tp_group.world_size != tp or tp_group.rank_in_group != rank:
             raise RuntimeError(f"TPLA: attention TP group has {tp_group.world_size} ranks (rank {tp_group.rank_in_group}), layout says TP {tp} rank {rank}")
         coordinator = tp_group if g == tp else _subgroup(tp, g)
@@ -118,10 +118,11 @@ def _subgroup(tp: int, g: int):
     """A GroupCoordinator over this rank's head peers: one group per head shard of every attention
     TP group of the world (each rank takes part in creating all of them, as torch requires)."""
     import torch.distributed as dist
-    from sglang.srt.distributed.parallel_state import get_attn_tp_group, get_world_group, init_model_parallel_group
+    from sglang.srt.distributed.parallel_state import init_model_parallel_group
+    from sglang.srt.runtime_context import get_parallel
 
-    world = get_world_group()
-    mine = list(get_attn_tp_group().ranks)
+    world = get_parallel().world_group
+    mine = list(get_parallel().attn_tp_group.ranks)
     all_tp = world.all_gather_object(mine) if world.world_size > len(mine) else [mine]
     tp_groups = sorted({tuple(r) for r in all_tp})
     group_ranks = [[tg[p] for p in positions] for tg in tp_groups for positions in peer_groups(tp, g)]
