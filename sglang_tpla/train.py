@@ -453,6 +453,40 @@ class TrainArgs:
     latent_spread: float = 0.0  # weight of spread_penalty (mean over layers) in the loss
     final_windows: int = 0  # held-out windows for the final perplexity (0: all)
     init_from: str | None = None  # continue from this model folder (its config, weights and tokenizer)
+    fixed_latent_input: bool = False  # see fix_latent_input()
+
+
+FIXED_BY_LATENT_INPUT = ("model.embed_tokens.weight", "input_layernorm.weight", "self_attn.kv_a_proj_with_mqa.weight")
+
+
+def fix_latent_input(model: "TrainableDeepseek", seed: int) -> list[str]:
+    """The ``--fixed-latent-input`` lever: what feeds the cached latent is set once and not trained.
+
+    * token embeddings ``N(0, 1)`` (unit RMS: the residual stream's random, full-rank part stays as large
+      as what the blocks add to it at their initial scale);
+    * every layer's ``kv_a_proj_with_mqa``: latent rows orthonormal (``c = Q x`` keeps the spectrum of the
+      normalised residual ``x``), RoPE rows ``N(0, 1/hidden)``;
+    * every ``input_layernorm`` gain at 1 (it could otherwise shrink channels of ``x``).
+
+    Returns the names of the frozen parameters."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    frozen = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(FIXED_BY_LATENT_INPUT):
+                continue
+            if name.endswith("embed_tokens.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif name.endswith("input_layernorm.weight"):
+                p.fill_(1.0)
+            else:
+                r, hid = model.cfg["kv_lora_rank"], p.shape[1]
+                q, _ = torch.linalg.qr(torch.randn(hid, r, generator=gen))  # [hid, r], orthonormal columns (r <= hid)
+                p[:r].copy_(q.T)
+                p[r:].copy_(torch.randn(p.shape[0] - r, hid, generator=gen) / math.sqrt(hid))
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def train(a: TrainArgs, command: str = "") -> dict:
@@ -496,6 +530,11 @@ def train(a: TrainArgs, command: str = "") -> dict:
         model = TrainableDeepseek(cfg).init_weights(a.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[model] {n_params:,} parameters", flush=True)
+    if a.fixed_latent_input:
+        if a.hidden < cfg["kv_lora_rank"]:
+            raise ValueError("--fixed-latent-input needs --hidden >= kv_lora_rank (an orthonormal latent projection)")
+        frozen = fix_latent_input(model, a.seed)
+        print(f"[model] fixed, not trained: {len(frozen)} tensors ({', '.join(FIXED_BY_LATENT_INPUT)})", flush=True)
 
     train_wins = windows(train_stream, a.seq_len)
     held_wins = windows(held_stream, a.seq_len)
@@ -511,8 +550,8 @@ def train(a: TrainArgs, command: str = "") -> dict:
         print(f"[retrieval] {n_retr} of {a.batch} windows per batch are synthetic retrieval documents", flush=True)
     for layer in model.model.layers:
         layer.self_attn.keep_latent = a.latent_spread > 0
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and p.requires_grad]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=a.lr, betas=(0.9, 0.95), eps=1e-8,
@@ -617,7 +656,7 @@ def train(a: TrainArgs, command: str = "") -> dict:
         "heldout_ppl": round(math.exp(final_nll), 3), "unigram_ppl": round(math.exp(uni_nll), 3),
         "model_bytes": (out / "model.safetensors").stat().st_size,
         "load_avg_end": round(os.getloadavg()[0], 1),
-        "heads": a.heads, "retrieval_frac": a.retrieval_frac, "latent_spread": a.latent_spread,
+        "heads": a.heads, "retrieval_frac": a.retrieval_frac, "latent_spread": a.latent_spread, "fixed_latent_input": a.fixed_latent_input,
         "retrieval_exact_match": retr_em,
         "spectrum_uncentred_top16_64_128_256": [[round(v, 4) for v in row] for row in spec["uncentred"]],
     }
@@ -689,6 +728,7 @@ def _write_report(out, a, cfg, s, by_source, train_docs, held_docs, rows, comman
         f"--seed {a.seed} --batch {a.batch} --seq-len {a.seq_len} --lr {a.lr} --eval-every {a.eval_every} "
         f"--threads {a.threads} --layers {a.layers} --hidden {a.hidden} --heads {a.heads} --intermediate {a.intermediate} "
         f"--weight-decay {a.weight_decay} --retrieval-frac {a.retrieval_frac} --latent-spread {a.latent_spread} "
+        f"{'--fixed-latent-input ' if a.fixed_latent_input else ''}"
         + (f"--init-from {a.init_from} " if a.init_from else "") + f"--steps {s['schedule_steps']} --minutes 100000`"
         + ("" if s["steps"] == s["schedule_steps"] else f" (this run stopped at step {s['steps']} on the wall-time budget)") + ".",
         "",
@@ -741,6 +781,9 @@ def main(argv=None) -> int:
                    "second moment, mean over layers; default 0)")
     p.add_argument("--final-windows", type=int, default=0,
                    help="held-out windows for the final perplexity (default 0: all; for quick experiments)")
+    p.add_argument("--fixed-latent-input", action="store_true",
+                   help="a lever that spreads the cached latent: token embeddings N(0,1), the latent down-projection "
+                   "orthonormal and the input RMSNorm gains at 1, none of them trained")
     p.add_argument("--init-from", help="continue training this model folder (its config, weights and tokenizer; "
                    "--layers/--hidden/--heads/--intermediate are ignored)")
     args = p.parse_args(argv)
@@ -768,7 +811,7 @@ def main(argv=None) -> int:
                          layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
                          weight_decay=args.weight_decay, retrieval_frac=args.retrieval_frac,
                          latent_spread=args.latent_spread, final_windows=args.final_windows,
-                         init_from=args.init_from), cmd)
+                         init_from=args.init_from, fixed_latent_input=args.fixed_latent_input), cmd)
     print(json.dumps(s), flush=True)
     return 0
 

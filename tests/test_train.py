@@ -113,6 +113,35 @@ def test_few_steps_lower_loss():
     assert losses[-1] < losses[0] - 0.5
 
 
+def test_fixed_latent_input_freezes_what_feeds_the_latent_and_keeps_its_spectrum():
+    """--fixed-latent-input: the latent down-projection's latent rows are orthonormal (so the cached
+    latent of layer 0 has the spectrum of the normalised embeddings: spread for random tokens), the
+    embeddings and input gains are frozen, everything else still trains."""
+    cfg = tiny_config(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, q_lora_rank=32, vocab_size=256,
+                      intermediate_size=64, kv_lora_rank=48)
+    model = T.TrainableDeepseek(cfg).init_weights(0)
+    frozen = T.fix_latent_input(model, seed=0)
+    assert sorted(frozen) == sorted(n for n, _ in model.named_parameters() if n.endswith(T.FIXED_BY_LATENT_INPUT))
+    assert len(frozen) == 1 + 2 * 2
+    for layer in model.model.layers:
+        w = layer.self_attn.kv_a_proj_with_mqa.weight
+        assert torch.allclose(w[:48] @ w[:48].T, torch.eye(48), atol=1e-5)
+        assert torch.equal(layer.input_layernorm.weight, torch.ones(64))
+    emb = model.model.embed_tokens.weight
+    assert abs(float(emb.pow(2).mean()) - 1.0) < 0.05
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "lm_head.weight" in trainable and "model.layers.0.self_attn.kv_b_proj.weight" in trainable
+    assert not trainable & set(frozen)
+    # layer 0's cached latent on random tokens: its energy is spread (an isotropic 48-dim latent puts 1/3 in
+    # 16 directions, 256 random embeddings in 64 dims about 0.5; a latent concentrated in a few, nearly all)
+    attn, ln = model.model.layers[0].self_attn, model.model.layers[0].input_layernorm
+    x = ln(emb[torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(2))])
+    c = (x @ attn.kv_a_proj_with_mqa.weight.T)[:, :48]
+    u = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True))
+    ev = torch.linalg.eigvalsh((u.T @ u).double()).flip(0)
+    assert float(ev[:16].sum() / ev.sum()) < 0.6
+
+
 def test_lr_schedule():
     assert T.lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
     assert T.lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
