@@ -69,9 +69,7 @@ def deployment_a(model, tmp_path_factory):
     bport = free_port()
     stranger = ServerProcess(
         model, tp=1, name="prefill-identity", env=dep.node_env(),
-        # --sleep-on-idle: an idle SGLang scheduler otherwise polls in a loop, a CPU core each
-        args=[*FP32, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bport), *dep._common(),
-              "--sleep-on-idle"],
+        args=[*FP32, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bport), *dep._common()],
         log_path=dep.log_dir / "prefill-identity.log", ready_path="/health",
     )
     stranger.bootstrap_port = bport
