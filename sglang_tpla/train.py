@@ -459,8 +459,9 @@ class TrainArgs:
 FIXED_BY_LATENT_INPUT = ("model.embed_tokens.weight", "input_layernorm.weight", "self_attn.kv_a_proj_with_mqa.weight")
 
 
-def fix_latent_input(model: "TrainableDeepseek", seed: int) -> list[str]:
-    """The ``--fixed-latent-input`` lever: what feeds the cached latent is set once and not trained.
+def fix_latent_input(model: "TrainableDeepseek", seed: int, reinit: bool = True) -> list[str]:
+    """The ``--fixed-latent-input`` lever: what feeds the cached latent is set once and not trained
+    (``reinit=False``, when continuing a model trained this way: only frozen).
 
     * token embeddings ``N(0, 1)`` (unit RMS: the residual stream's random, full-rank part stays as large
       as what the blocks add to it at their initial scale);
@@ -475,7 +476,9 @@ def fix_latent_input(model: "TrainableDeepseek", seed: int) -> list[str]:
         for name, p in model.named_parameters():
             if not name.endswith(FIXED_BY_LATENT_INPUT):
                 continue
-            if name.endswith("embed_tokens.weight"):
+            if not reinit:
+                pass
+            elif name.endswith("embed_tokens.weight"):
                 p.copy_(torch.randn(p.shape, generator=gen))
             elif name.endswith("input_layernorm.weight"):
                 p.fill_(1.0)
@@ -533,7 +536,7 @@ def train(a: TrainArgs, command: str = "") -> dict:
     if a.fixed_latent_input:
         if a.hidden < cfg["kv_lora_rank"]:
             raise ValueError("--fixed-latent-input needs --hidden >= kv_lora_rank (an orthonormal latent projection)")
-        frozen = fix_latent_input(model, a.seed)
+        frozen = fix_latent_input(model, a.seed, reinit=not a.init_from)
         print(f"[model] fixed, not trained: {len(frozen)} tensors ({', '.join(FIXED_BY_LATENT_INPUT)})", flush=True)
 
     train_wins = windows(train_stream, a.seq_len)

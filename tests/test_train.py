@@ -140,6 +140,11 @@ def test_fixed_latent_input_freezes_what_feeds_the_latent_and_keeps_its_spectrum
     u = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True))
     ev = torch.linalg.eigvalsh((u.T @ u).double()).flip(0)
     assert float(ev[:16].sum() / ev.sum()) < 0.6
+    # continuing such a model (--init-from): frozen again, not re-drawn
+    again = T.TrainableDeepseek(cfg)
+    again.load_state_dict(model.state_dict())
+    T.fix_latent_input(again, seed=1, reinit=False)
+    assert torch.equal(again.model.embed_tokens.weight, emb) and not again.model.embed_tokens.weight.requires_grad
 
 
 def test_lr_schedule():
