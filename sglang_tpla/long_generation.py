@@ -4,6 +4,7 @@
         --variant hadamard:2:pd_sep --variant fit:2:tpla ... --prompt-len 64 1024 --gen-len 2048 \\
         [--num-docs 4] [--window 64] [--crosscheck results/fidelity/results.json --crosscheck-variant hadamard:2:pd_sep] \\
         --out DIR
+    python -m sglang_tpla.long_generation --rewrite-report DIR/results.json   # results.md + plot from the json
 
 For each prompt length and each held-out sequence, the fp32 reference model
 (:class:`sglang_tpla.reference_model.ReferenceDeepseek`, ``score``) prefills the prompt and then
@@ -225,14 +226,32 @@ def write_plot(path: Path, results: dict, window: int) -> None:
     plt.close(fig)
 
 
+def transform_ratios(results: dict, a: str = "hadamard", b: str = "fit") -> list[dict]:
+    """KL of transform ``a`` over KL of ``b`` for every variant pair that differs only in the transform."""
+    out = []
+    for pl in sorted(results, key=int):
+        summ = results[pl]["summary"]
+        for name, sa in summ.items():
+            if not name.startswith(a + " "):
+                continue
+            sb = summ.get(b + name[len(a):])
+            if sb and sb["kl_mean"] > 0 and sb["kl_first_window"] > 0 and sb["kl_last_window"] > 0:
+                out.append({"prompt_len": int(pl), "which": name[len(a) + 1:], "mean": sa["kl_mean"] / sb["kl_mean"],
+                            "first": sa["kl_first_window"] / sb["kl_first_window"],
+                            "last": sa["kl_last_window"] / sb["kl_last_window"]})
+    return out
+
+
 def write_markdown(path: Path, meta: dict, results: dict, cross: dict | None, score_check: dict | None = None) -> None:
     w = meta["window"]
     lines = [
         "# Long generation: TPLA vs exact MLA out to " f"{meta['gen_len']} decode steps (fp32 reference model)", "",
         f"- date: {meta['date']}", f"- git commit: {meta['commit']}", f"- command: `{meta['command']}`",
         f"- model: {meta['model_path']}; calibration: {meta['calibration']}", f"- data: {meta['data']}",
-        f"- CPU time: {meta['cpu_seconds']:.0f} s ({meta['threads']} thread(s))", "",
-        "These numbers come from the fp32 reference model (`ReferenceDeepseek.score`), not from a served run. "
+        f"- CPU time: {meta['cpu_seconds']:.0f} s ({meta['threads']} thread(s))",
+        *([f"- report rewritten from results.json by `{meta['report_command']}`"] if meta.get("report_command") else []), "",
+        "These numbers come from the fp32 reference model (`ReferenceDeepseek`, decode steps teacher-forced in chunks; "
+        "checked against `ReferenceDeepseek.score` below), not from a served run. "
         "The served evaluation matches that model to a max |dlogprob| of about 5e-4 (results/fidelity/results.md).",
         "", f"Position 0 is the prefill's last row. Steps 1..{meta['gen_len']} are decode steps, teacher-forced. "
         "KL(MLA || variant) is in nats over the full vocabulary. Top-1 means both argmaxes agree. Both are "
@@ -248,6 +267,12 @@ def write_markdown(path: Path, meta: dict, results: dict, cross: dict | None, sc
             d = "never" if s["doubling_step"] is None else f"step {s['doubling_step']}"
             lines.append(f"| {name} | {s['kl_mean']:.3e} | {s['kl_first_window']:.3e} | {s['kl_last_window']:.3e} | "
                          f"{s['kl_max_window_ratio']:.2f} | {s['top1_mean']:.4f} | {s['top1_windows'][-1]:.4f} | {d} |")
+        lines.append("")
+    pairs = transform_ratios(results)
+    if pairs:
+        lines += ["## Hadamard KL / fit KL (same g, same mode)", "",
+                  "| prompt | g, mode | KL mean | steps 1-" f"{w} | last window |", "|---|---|---|---|---|"]
+        lines += [f"| {r['prompt_len']} | {r['which']} | {r['mean']:.1f}x | {r['first']:.1f}x | {r['last']:.1f}x |" for r in pairs]
         lines.append("")
     if cross:
         lines += ["## Cross-check against the served evaluation", "",
@@ -337,10 +362,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crosscheck", help="a served sglang_tpla.eval results.json: re-score its documents and compare")
     p.add_argument("--crosscheck-variant", default="hadamard:2:pd_sep")
     p.add_argument("--out", required=True)
+    p.add_argument("--rewrite-report", metavar="RESULTS_JSON",
+                   help="alone: rewrite results.md and the plot from a results.json of this tool (no scoring)")
     return p
 
 
+def rewrite_report(path: str, argv: list[str] | None) -> dict:
+    """Rewrite ``results.md`` and the plot next to a ``results.json`` of this tool from its per-position data
+    (summaries recomputed; the run's meta kept, with the rewriting command added)."""
+    path = Path(path)
+    res = json.loads(path.read_text())
+    meta, results = res["meta"], res["results"]
+    for r in results.values():
+        r["summary"] = summary(r["per_position"], meta["window"])
+    meta["report_command"] = " ".join(["python -m sglang_tpla.long_generation", *(argv if argv is not None else sys.argv[1:])])
+    path.write_text(json.dumps(res, indent=1))
+    write_markdown(path.parent / "results.md", meta, results, res.get("crosscheck"), res.get("score_check"))
+    write_plot(path.parent / "kl_vs_position.png", results, meta["window"])
+    return res
+
+
 def run(argv: list[str] | None = None) -> dict:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--rewrite-report"]:
+        if len(argv) != 2:
+            raise SystemExit("usage: python -m sglang_tpla.long_generation --rewrite-report RESULTS_JSON")
+        return rewrite_report(argv[1], argv)
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)

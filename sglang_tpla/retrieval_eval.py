@@ -20,6 +20,8 @@ evaluation's reference check):
 Metrics per variant and setting:
 
 * greedy exact match (the first line of the greedy continuation equals the value; :func:`retrieval.exact_match`);
+* multiple choice: the rank of the correct value among the values of all records in the prompt, by
+  teacher-forced sequence log-prob (does the model prefer the right value to the other values it has seen);
 * teacher-forced: mean log-prob per answer token, the share of examples whose first answer token is the
   argmax, and whose every answer token is the argmax;
 * against MLA on the same answer positions: mean KL(MLA || variant) and argmax agreement.
@@ -77,6 +79,38 @@ def greedy(model, ids: list[int], prefill_len: int, mode, max_new: int) -> list[
     return new
 
 
+def candidate_values(ex: R.Example) -> list[str]:
+    """The values of every record in the example's prompt (the correct one among them), as answers ``" VALUE"``."""
+    vals = []
+    for line in ex.prompt.splitlines():
+        if line.startswith(R.RECORD) and " = " in line:
+            vals.append(" " + line.rsplit(" = ", 1)[1].strip())
+    if ex.answer not in vals:
+        raise ValueError("the answer is not among the record values")
+    return vals
+
+
+@torch.no_grad()
+def choice_rank(model, mode, tok, t: dict, ex: R.Example, setting: str) -> int:
+    """Rank (0 = best) of the correct value among all record values of the prompt, by teacher-forced sequence
+    log-prob after the prompt (each candidate's tokens run as decode steps over a copy of the prompt's cache)."""
+    prefill = len(t["prompt"]) if setting == SETTINGS[0] else t["split"]
+    cache = model.new_cache()
+    last = model.forward(t["prompt"][:prefill], 0, cache, mode, decode=False)[-1]
+    if prefill < len(t["prompt"]):
+        last = model.forward(t["prompt"][prefill:], prefill, cache, mode, decode=True)[-1]
+    scores = {}
+    for val in candidate_values(ex):
+        ids = tok.encode(val, add_special_tokens=False).ids
+        rows = [last]
+        if len(ids) > 1:  # later tokens: decode steps over a copy of the cache (forward rebinds, never mutates)
+            rows += list(model.forward(ids[:-1], len(t["prompt"]), [dict(c) for c in cache], mode, decode=True))
+        lp = torch.log_softmax(torch.stack(rows).double(), -1)
+        scores[val] = float(lp.gather(1, torch.tensor(ids)[:, None]).sum())
+    best = sorted(scores, key=lambda v: -scores[v])
+    return best.index(ex.answer)
+
+
 def answer_logprobs(scorer: Scorer, v: E.Variant, t: dict, setting: str) -> torch.Tensor:
     """``[len(answer), V]`` teacher-forced log-probs at the answer positions."""
     ids = t["prompt"] + t["answer"]
@@ -96,8 +130,9 @@ def evaluate(scorer: Scorer, tok, variants: list[E.Variant], examples: list[R.Ex
         for v in [mla, *variants]:
             t0 = time.time()
             model, mode = scorer.mode(v)
-            outs, lp_tok, first_ok, all_ok, kls, agree = [], [], 0, 0, [], []
+            outs, lp_tok, first_ok, all_ok, kls, agree, ranks = [], [], 0, 0, [], [], []
             for t, ex, b in zip(toks, examples, base):
+                ranks.append(choice_rank(model, mode, tok, t, ex, setting))
                 prefill = len(t["prompt"]) if setting == SETTINGS[0] else t["split"]
                 new = greedy(model, t["prompt"], prefill, mode, len(t["answer"]) + 1)
                 outs.append(tok.decode([i for i in new if i != EOS]))
@@ -115,12 +150,15 @@ def evaluate(scorer: Scorer, tok, variants: list[E.Variant], examples: list[R.Ex
                 "exact_match_first32": sum(em[:32]) / len(em[:32]),
                 "answer_logprob_per_token": sum(lp_tok) / len(lp_tok),
                 "first_token_argmax_correct": first_ok / len(toks), "all_tokens_argmax_correct": all_ok / len(toks),
+                "choice_accuracy": sum(r == 0 for r in ranks) / len(ranks), "choice_mean_rank": sum(ranks) / len(ranks) + 1,
+                "choice_candidates": sum(len(candidate_values(ex)) for ex in examples) / len(examples),
                 "kl_vs_mla": sum(kls) / len(kls), "argmax_agreement_vs_mla": sum(agree) / len(agree),
                 "greedy_outputs": outs[:8],
             }
             r = rows[v.name]
             log(f"[retrieval] {setting} | {v.name}: EM {r['exact_match_count']}/{len(em)}, logp/token "
                 f"{r['answer_logprob_per_token']:.3f}, first-token argmax {r['first_token_argmax_correct']:.3f}, "
+                f"choice {r['choice_accuracy']:.3f} (mean rank {r['choice_mean_rank']:.2f}), "
                 f"KL {r['kl_vs_mla']:.3e} ({time.time() - t0:.0f} s)")
         out[setting] = rows
     return out
@@ -139,18 +177,21 @@ def write_markdown(path: Path, meta: dict, res: dict) -> None:
         "evaluation matches that model to a max |dlogprob| of about 5e-4 (results/fidelity/results.md).", "",
         "EM: greedy exact match. logp/token: mean log-prob of the correct answer tokens, teacher-forced. "
         "first ok: the correct first answer token is the argmax. all ok: every answer token is the argmax "
-        "(teacher-forced). KL and argmax agreement are against MLA, at the answer positions.", "",
+        "(teacher-forced). choice: the correct value has the highest teacher-forced sequence log-prob among the "
+        "values of all records in the prompt (chance = 1 / number of records); rank: its mean rank (1 = best). "
+        "KL and argmax agreement are against MLA, at the answer positions.", "",
     ]
     for setting, rows in res.items():
         note = ("the whole prompt is prefilled; in pd-sep the first answer token comes from the exact prefill"
                 if setting == SETTINGS[0] else "the last Lookup line and the answer run as decode steps")
         lines += [f"## {setting} ({note})", "",
-                  f"| variant | EM (all {meta['n']}) | EM (first 32) | logp/token | first ok | all ok | KL vs MLA | argmax = MLA |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| variant | EM (all {meta['n']}) | EM (first 32) | logp/token | first ok | all ok | choice | rank | KL vs MLA | argmax = MLA |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in rows.items():
             lines.append(f"| {name} | {r['exact_match_count']}/{meta['n']} | {r['exact_match_first32']:.3f} | "
                          f"{r['answer_logprob_per_token']:.4f} | {r['first_token_argmax_correct']:.3f} | "
-                         f"{r['all_tokens_argmax_correct']:.3f} | {r['kl_vs_mla']:.3e} | {r['argmax_agreement_vs_mla']:.4f} |")
+                         f"{r['all_tokens_argmax_correct']:.3f} | {r['choice_accuracy']:.3f} | {r['choice_mean_rank']:.2f} | "
+                         f"{r['kl_vs_mla']:.3e} | {r['argmax_agreement_vs_mla']:.4f} |")
         lines.append("")
     path.write_text("\n".join(lines))
 

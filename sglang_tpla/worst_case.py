@@ -6,7 +6,7 @@ so each latent group's own softmax has more to get wrong.
 
     python -m sglang_tpla.worst_case build --out DIR [--seed 0] [--q-scale S] [--vocab 1024]
     python -m sglang_tpla.worst_case text --out FILE --vocab 1024 --num-tokens N --seed 1
-    python -m sglang_tpla.worst_case sharpness --model-path DIR [DIR ...] [--num-seqs 4] [--seq-len 320]
+    python -m sglang_tpla.worst_case sharpness --model-path DIR [DIR ...] [--num-seqs 4] [--seq-len 320] [--data heldout]
 
 * ``build``: :func:`sglang_tpla.tiny_model.build_tiny_model_dir` with the trained asset's shape (3
   dense layers, hidden 512, 4 heads, intermediate 768, q_lora_rank 192, real MLA dims), then every
@@ -16,9 +16,9 @@ so each latent group's own softmax has more to get wrong.
 * ``text``: seeded uniform random words ``w<id>`` (the tiny tokenizer's words), in paragraphs of 512,
   as calibration / spectrum data.
 * ``sharpness``: exact-MLA attention statistics of the fp32 reference model on seeded uniform random
-  token sequences: per layer, the mean over heads and query positions ``>= --from-pos`` of the largest
-  attention weight and of the attention entropy (nats), next to the uniform distribution's (``1/L``,
-  ``log L``).
+  token sequences (or held-out text, ``--data``): per layer, the mean over heads and query positions
+  ``>= --from-pos`` of the largest attention weight, of the attention entropy (nats) and of the weight on
+  the first key, next to the uniform distribution's over each query's causal window (``1/L``, ``log L``).
 
 Pure PyTorch: no sglang.
 """
@@ -65,25 +65,29 @@ def write_text(path: str | Path, vocab: int, num_tokens: int, seed: int, paragra
     return path
 
 
-def attention_stats(probs: torch.Tensor) -> tuple[float, float, float, float]:
-    """Sums over rows of ``probs [..., L]`` (one attention distribution per row, zeros masked):
-    (sum of max weight, sum of entropy in nats, sum of 1/L_eff, sum of log L_eff) with ``L_eff`` the
-    number of keys a row may see (its non-masked entries)."""
+def attention_stats(probs: torch.Tensor, visible: torch.Tensor) -> tuple[float, float, float, float, float]:
+    """Sums over the rows of ``probs [..., L]`` (one attention distribution per row) with ``visible [...]``
+    the number of keys each row may see (its causal window): (max weight, entropy in nats, weight on the
+    first key, 1/visible, log visible)."""
     p = probs.double().reshape(-1, probs.shape[-1])
-    seen = (p > 0).sum(-1).clamp_min(1).double()  # every visible key has positive weight in fp32 softmax
+    n = visible.double().expand(probs.shape[:-1]).reshape(-1)
     ent = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
-    return float(p.max(-1).values.sum()), float(ent.sum()), float((1 / seen).sum()), float(seen.log().sum())
+    return (float(p.max(-1).values.sum()), float(ent.sum()), float(p[:, 0].sum()), float((1 / n).sum()),
+            float(n.log().sum()))
 
 
-def sharpness(model_path: str | Path, num_seqs: int = 4, seq_len: int = 320, from_pos: int = 64, seed: int = 0) -> dict:
-    """Exact-MLA attention sharpness of a model on seeded uniform random token sequences."""
+def sharpness(model_path: str | Path, num_seqs: int = 4, seq_len: int = 320, from_pos: int = 64, seed: int = 0,
+              data: str | None = None) -> dict:
+    """Exact-MLA attention sharpness of a model on seeded uniform random token sequences, or (``data``:
+    ``heldout`` or a text file, as :func:`sglang_tpla.spectrum.text_windows` reads it) on its first
+    ``num_seqs`` windows of ``seq_len`` tokens."""
     from . import reference_model as RM
     from .tiny_model import load_model
 
     cfg, sd = load_model(model_path, dtype=torch.float32)
     model = RM.ReferenceDeepseek(cfg, sd)
     layers = cfg["num_hidden_layers"]
-    acc = [[0.0, 0.0, 0.0, 0.0, 0] for _ in range(layers)]
+    acc = [[0.0, 0.0, 0.0, 0.0, 0.0, 0] for _ in range(layers)]
     state = {"layer": 0}
     orig = RM.latent_attention
 
@@ -94,36 +98,42 @@ def sharpness(model_path: str | Path, num_seqs: int = 4, seq_len: int = 320, fro
         keys = torch.arange(ckv.shape[0])
         allowed = keys[None, :] <= (causal_offset + torch.arange(q_lat.shape[0]))[:, None]
         probs = torch.softmax(logits.masked_fill(~allowed[:, None, :], float("-inf")), -1)[from_pos:]
+        visible = allowed.sum(-1)[from_pos:, None]  # [T, 1]: the causal window of each query row
         a = acc[state["layer"] % layers]
-        for j, v in enumerate(attention_stats(probs)):
+        for j, v in enumerate(attention_stats(probs, visible)):
             a[j] += v
-        a[4] += probs.shape[0] * probs.shape[1]
+        a[5] += probs.shape[0] * probs.shape[1]
         state["layer"] += 1
         return orig(q_lat, q_pe, ckv, kpe, sm_scale, mu, causal_offset)
 
+    if data is None:
+        seqs = [random_ids(cfg["vocab_size"], seq_len, seed + s) for s in range(num_seqs)]
+    else:
+        from .spectrum import text_windows
+
+        seqs = text_windows(model_path, data, seq_len, num_seqs * seq_len)[:num_seqs].tolist()
     RM.latent_attention = recording
     try:
-        for s in range(num_seqs):
-            ids = random_ids(cfg["vocab_size"], seq_len, seed + s)
+        for ids in seqs:
             model.forward(ids, 0, model.new_cache(), RM.AttentionMode("mla"), decode=False)
     finally:
         RM.latent_attention = orig
-    rows = [{"layer": i, "mean_max_weight": a[0] / a[4], "mean_entropy": a[1] / a[4],
-             "uniform_max_weight": a[2] / a[4], "uniform_entropy": a[3] / a[4]} for i, a in enumerate(acc)]
+    rows = [{"layer": i, "mean_max_weight": a[0] / a[5], "mean_entropy": a[1] / a[5], "mean_first_key_weight": a[2] / a[5],
+             "uniform_max_weight": a[3] / a[5], "uniform_entropy": a[4] / a[5]} for i, a in enumerate(acc)]
     return {"model": str(model_path), "q_scale": (cfg.get("tpla_worst_case") or {}).get("q_scale"),
-            "num_seqs": num_seqs, "seq_len": seq_len, "from_pos": from_pos, "seed": seed, "layers": rows,
+            "data": data or f"uniform random token ids (seeds {seed}..{seed + num_seqs - 1})", "num_seqs": len(seqs), "seq_len": seq_len, "from_pos": from_pos, "seed": seed, "layers": rows,
             "mean_max_weight": sum(r["mean_max_weight"] for r in rows) / layers,
             "mean_entropy": sum(r["mean_entropy"] for r in rows) / layers,
             "uniform_entropy": rows[0]["uniform_entropy"], "uniform_max_weight": rows[0]["uniform_max_weight"]}
 
 
 def sharpness_markdown(results: list[dict]) -> str:
-    lines = ["| model | q scale | layer | mean max weight | mean entropy (nats) | uniform: max weight / entropy |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | q scale | data | layer | mean max weight | mean entropy (nats) | weight on key 0 | uniform: max weight / entropy |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for row in r["layers"]:
-            lines.append(f"| {Path(r['model']).name} | {r['q_scale']} | {row['layer']} | {row['mean_max_weight']:.3f} | "
-                         f"{row['mean_entropy']:.3f} | {row['uniform_max_weight']:.4f} / {row['uniform_entropy']:.3f} |")
+            lines.append(f"| {Path(r['model']).name} | {r['q_scale']} | {r['data']} | {row['layer']} | {row['mean_max_weight']:.3f} | "
+                         f"{row['mean_entropy']:.3f} | {row['mean_first_key_weight']:.3f} | {row['uniform_max_weight']:.4f} / {row['uniform_entropy']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +156,7 @@ def main(argv=None) -> int:
     s.add_argument("--seq-len", type=int, default=320)
     s.add_argument("--from-pos", type=int, default=64, help="query positions counted: >= this")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data", help="'heldout' or a .txt/.jsonl file (spectrum.text_windows) instead of random ids")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--json", help="also write the numbers to this file")
     a = p.parse_args(argv)
@@ -155,7 +166,7 @@ def main(argv=None) -> int:
         print(write_text(a.out, a.vocab, a.num_tokens, a.seed))
     else:
         torch.set_num_threads(a.threads)
-        res = [sharpness(m, a.num_seqs, a.seq_len, a.from_pos, a.seed) for m in a.model_path]
+        res = [sharpness(m, a.num_seqs, a.seq_len, a.from_pos, a.seed, a.data) for m in a.model_path]
         print(sharpness_markdown(res))
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=1))

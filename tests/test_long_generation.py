@@ -77,10 +77,11 @@ def test_mla_against_itself_gives_zero_kl_and_full_agreement(tiny_dir):
 
 
 def test_attention_stats_uniform_and_one_hot():
-    p = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
-    mx, ent, inv_l, log_l = W.attention_stats(p)
-    assert mx == pytest.approx(1.25) and ent == pytest.approx(math.log(4))
-    assert inv_l == pytest.approx(0.25 + 1.0) and log_l == pytest.approx(math.log(4))
+    p = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 1.0, 0.0, 0.0]])
+    mx, ent, first, inv_l, log_l = W.attention_stats(p, torch.tensor([4, 4]))
+    assert mx == pytest.approx(1.25) and ent == pytest.approx(math.log(4)) and first == pytest.approx(0.25)
+    # the uniform baseline counts the causal window, not the keys with nonzero weight
+    assert inv_l == pytest.approx(0.5) and log_l == pytest.approx(2 * math.log(4))
 
 
 def test_worst_case_build_scales_queries_only(tmp_path):
@@ -108,3 +109,35 @@ def test_retrieval_greedy_with_forced_tail(tiny_dir):
     assert got == want[: len(got)]
     # exact MLA: forcing the tail as decode steps gives the same tokens as prefilling it
     assert greedy(model, ids, 10, mode, 4) == got
+
+
+def test_retrieval_candidates_and_tokenized_split():
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from sglang_tpla import retrieval as R
+    from sglang_tpla.retrieval_eval import candidate_values, tokenize
+
+    tok = Tokenizer.from_file(str(Path(__file__).parent / "assets" / "tiny-deepseek-trained" / "tokenizer.json"))
+    for ex in R.build_task(1, 8):
+        vals = candidate_values(ex)
+        assert len(vals) == 12 and ex.answer in vals and all(len(v) == 5 for v in vals)
+        t = tokenize(tok, ex)
+        assert 0 < t["split"] < len(t["prompt"]) and t["answer"]
+        assert tok.decode(t["prompt"][t["split"]:]).strip().startswith(R.LOOKUP.strip())
+
+
+def test_rewrite_report_from_json(tmp_path):
+    kl_h, kl_f = [0.0] + [1e-2] * 8, [0.0] + [1e-3] * 4 + [2e-3] * 4
+    per = {"hadamard g=2 pd-sep": {"kl": kl_h, "top1": [1.0] * 9}, "fit g=2 pd-sep": {"kl": kl_f, "top1": [1.0] * 9}}
+    res = {"meta": {"date": "d", "commit": "c", "command": "cmd", "model_path": "m", "calibration": None, "data": "heldout",
+                    "gen_len": 8, "window": 4, "chunk": 4, "threads": 1, "cpu_seconds": 1.0},
+           "results": {"64": {"num_seqs": 1, "sources": ["doc 0"], "per_position": per}}, "crosscheck": None, "score_check": None}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    L.run(["--rewrite-report", str(path)])
+    md = (tmp_path / "results.md").read_text()
+    assert "| fit g=2 pd-sep | 1.500e-03 | 1.000e-03 | 2.000e-03 | 2.00 | 1.0000 | 1.0000 | step 5 |" in md
+    assert "| 64 | g=2 pd-sep | 6.7x | 10.0x | 5.0x |" in md
+    assert "report rewritten from results.json" in md and (tmp_path / "kl_vs_position.png").exists()
