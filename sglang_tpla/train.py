@@ -743,7 +743,7 @@ def _write_report(out, a, cfg, s, by_source, train_docs, held_docs, rows, comman
         "",
         "## Result",
         "",
-        f"Held-out perplexity (all {s['heldout_windows']} held-out windows of {a.seq_len} tokens, bf16 weights as saved): "
+        f"Held-out perplexity ({'the first ' if a.final_windows else 'all '}{s['heldout_windows']} held-out windows of {a.seq_len} tokens, bf16 weights as saved): "
         f"heldout_ppl = {s['heldout_ppl']}",
         "",
         f"Unigram perplexity (add-one unigram fit on the training tokens, same held-out targets): unigram_ppl = {s['unigram_ppl']}",
