@@ -250,8 +250,8 @@ def write_markdown(path: Path, meta: dict, results: dict, cross: dict | None, sc
         f"- model: {meta['model_path']}; calibration: {meta['calibration']}", f"- data: {meta['data']}",
         f"- CPU time: {meta['cpu_seconds']:.0f} s ({meta['threads']} thread(s))",
         *([f"- report rewritten from results.json by `{meta['report_command']}`"] if meta.get("report_command") else []), "",
-        "These numbers come from the fp32 reference model (`ReferenceDeepseek`, decode steps teacher-forced in chunks; "
-        "checked against `ReferenceDeepseek.score` below), not from a served run. "
+        "These numbers come from the fp32 reference model (`ReferenceDeepseek`, decode steps teacher-forced in chunks"
+        + ("; checked against `ReferenceDeepseek.score` below" if score_check else "") + "), not from a served run. "
         "The served evaluation matches that model to a max |dlogprob| of about 5e-4 (results/fidelity/results.md).",
         "", f"Position 0 is the prefill's last row. Steps 1..{meta['gen_len']} are decode steps, teacher-forced. "
         "KL(MLA || variant) is in nats over the full vocabulary. Top-1 means both argmaxes agree. Both are "

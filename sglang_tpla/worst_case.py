@@ -7,6 +7,7 @@ so each latent group's own softmax has more to get wrong.
     python -m sglang_tpla.worst_case build --out DIR [--seed 0] [--q-scale S] [--vocab 1024]
     python -m sglang_tpla.worst_case text --out FILE --vocab 1024 --num-tokens N --seed 1
     python -m sglang_tpla.worst_case sharpness --model-path DIR [DIR ...] [--num-seqs 4] [--seq-len 320] [--data heldout]
+    python -m sglang_tpla.worst_case goals [LABEL=]EVAL_RESULTS_JSON [...]
 
 * ``build``: :func:`sglang_tpla.tiny_model.build_tiny_model_dir` with the trained asset's shape (3
   dense layers, hidden 512, 4 heads, intermediate 768, q_lora_rank 192, real MLA dims), then every
@@ -15,6 +16,8 @@ so each latent group's own softmax has more to get wrong.
   the scale, so it need not be kept.
 * ``text``: seeded uniform random words ``w<id>`` (the tiny tokenizer's words), in paragraphs of 512,
   as calibration / spectrum data.
+* ``goals``: from ``sglang_tpla.eval`` ``results.json`` files, per variant the perplexity change against
+  the run's MLA row, top-1 agreement, mean KL and Hadamard's mean KL over the variant's (same g and mode).
 * ``sharpness``: exact-MLA attention statistics of the fp32 reference model on seeded uniform random
   token sequences (or held-out text, ``--data``): per layer, the mean over heads and query positions
   ``>= --from-pos`` of the largest attention weight, of the attention entropy (nats) and of the weight on
@@ -137,6 +140,28 @@ def sharpness_markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def goals_markdown(eval_jsons: list[str | Path]) -> str:
+    """Per variant of ``sglang_tpla.eval`` results.json files: perplexity change vs their MLA row, top-1
+    agreement, mean KL, and Hadamard's mean KL over this variant's (same g and mode) - the quantities the
+    issue's goals name."""
+    lines = ["| run | variant | ppl vs MLA | top-1 agreement | KL mean | Hadamard KL / this KL |", "|---|---|---|---|---|---|"]
+    for spec in eval_jsons:
+        label, _, path = str(spec).rpartition("=")  # LABEL=PATH, or PATH (labelled by its folder)
+        label = label or Path(path).parent.name
+        res = json.loads(Path(path).read_text())
+        rows = {r["variant"]: r for r in res["results"]}
+        mla = rows["MLA"]["perplexity"]
+        for name, r in rows.items():
+            if name == "MLA":
+                continue
+            t = name.split(" ", 1)
+            had = rows.get("hadamard " + t[1]) if len(t) == 2 else None
+            ratio = f"{had['kl_mean'] / r['kl_mean']:.2f}x" if had and r is not had and r["kl_mean"] > 0 else "-"
+            lines.append(f"| {label} | {name} | {100 * (r['perplexity'] / mla - 1):+.2f} % | "
+                         f"{r['top1_agreement']:.4f} | {r['kl_mean']:.3e} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sglang_tpla.worst_case", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -159,8 +184,12 @@ def main(argv=None) -> int:
     s.add_argument("--data", help="'heldout' or a .txt/.jsonl file (spectrum.text_windows) instead of random ids")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--json", help="also write the numbers to this file")
+    gl = sub.add_parser("goals", help="the issue's goal quantities from sglang_tpla.eval results.json files")
+    gl.add_argument("results_json", nargs="+", help="PATH or LABEL=PATH")
     a = p.parse_args(argv)
-    if a.cmd == "build":
+    if a.cmd == "goals":
+        print(goals_markdown(a.results_json), end="")
+    elif a.cmd == "build":
         print(build(a.out, a.seed, a.q_scale, a.vocab))
     elif a.cmd == "text":
         print(write_text(a.out, a.vocab, a.num_tokens, a.seed))

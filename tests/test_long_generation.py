@@ -141,3 +141,25 @@ def test_rewrite_report_from_json(tmp_path):
     assert "| fit g=2 pd-sep | 1.500e-03 | 1.000e-03 | 2.000e-03 | 2.00 | 1.0000 | 1.0000 | step 5 |" in md
     assert "| 64 | g=2 pd-sep | 6.7x | 10.0x | 5.0x |" in md
     assert "report rewritten from results.json" in md and (tmp_path / "kl_vs_position.png").exists()
+
+
+def test_worst_case_goals_table(tmp_path):
+    rows = [{"variant": "MLA", "perplexity": 100.0, "top1_agreement": 1.0, "kl_mean": 0.0},
+            {"variant": "hadamard g=2 pd-sep", "perplexity": 102.0, "top1_agreement": 0.9, "kl_mean": 0.03},
+            {"variant": "fit g=2 pd-sep", "perplexity": 99.0, "top1_agreement": 0.99, "kl_mean": 0.01}]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"results": rows}))
+    md = W.goals_markdown([f"run A={path}"])
+    assert "| run A | hadamard g=2 pd-sep | +2.00 % | 0.9000 | 3.000e-02 | - |" in md
+    assert "| run A | fit g=2 pd-sep | -1.00 % | 0.9900 | 1.000e-02 | 3.00x |" in md
+
+
+def test_issue17_tools_do_not_import_sglang():
+    import subprocess
+    import sys
+
+    code = ("import sys, sglang_tpla.long_generation, sglang_tpla.retrieval_eval, sglang_tpla.worst_case; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sglang', 'triton', 'flashinfer')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
