@@ -70,6 +70,7 @@ class ServerProcess:
         self.args = list(args)
         self.env = {**default_env(), **(env or {})}
         self.port = port or free_port()
+        self._auto_port = port is None  # a port this class chose may be retaken before the server binds it
         self.name = name
         self.log_path = Path(log_path) if log_path else Path(f"/tmp/{name}-{self.port}.log")
         self.startup_timeout = startup_timeout
@@ -98,11 +99,23 @@ class ServerProcess:
         )
         return self
 
-    def wait_ready(self) -> "ServerProcess":
+    def _lost_its_port(self) -> bool:
+        """The HTTP port this class chose was taken between choosing and binding (SGLang's launcher then
+        keeps running without a listener)."""
+        return self._auto_port and f"{self.port}): address already in use" in self.log_text()
+
+    def wait_ready(self, port_retries: int = 2) -> "ServerProcess":
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise ServerError(f"{self.name} exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            if port_retries and self._lost_its_port():
+                port_retries -= 1
+                self.stop()
+                self.port = free_port()
+                self.start()
+                deadline = time.time() + self.startup_timeout
+                continue
             try:
                 with urllib.request.urlopen(self.url + self.ready_path, timeout=30) as r:
                     if r.status == 200:

@@ -108,3 +108,29 @@ def test_every_hook_target_imports_from_installed_sglang():
     assert checked >= 10
     assert "sglang_tpla.patches.server_args" in plugin.HOOK_MODULES  # argument-time refusals (checked above)
     assert importlib.import_module("sglang_tpla.patches.server_args").HOOK_TARGETS == ("sglang.srt.server_args.ServerArgs.resolve_once",)
+
+
+def test_server_process_restarts_on_a_new_port_when_its_port_was_taken(tmp_path):
+    """SGLang's launcher keeps running when uvicorn cannot bind (``[Errno 98] address already in use``): a
+    port the harness chose and lost before binding is replaced, and the server started again."""
+    import sys
+
+    from sglang_tpla.serving import ServerProcess
+
+    class Fake(ServerProcess):
+        starts = []
+
+        @property
+        def command(self):
+            self.starts.append(self.port)
+            if len(self.starts) == 1:  # the first launch loses its port and hangs, as SGLang's does
+                msg = f"ERROR: [Errno 98] error while attempting to bind on address ('127.0.0.1', {self.port}): address already in use"
+                return [sys.executable, "-c", f"import time; print({msg!r}, flush=True); time.sleep(60)"]
+            return [sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1"]
+
+    srv = Fake(tmp_path, log_path=tmp_path / "fake.log", ready_path="/", startup_timeout=30)
+    try:
+        srv.start().wait_ready()
+        assert len(Fake.starts) == 2 and Fake.starts[0] != Fake.starts[1] == srv.port
+    finally:
+        srv.stop()
