@@ -52,7 +52,6 @@ def test_prefill_table_row_says_which_server_failed_and_gives_no_ratio():
 
 def test_prefill_rss_guard_kills_a_server_whose_scheduler_passes_the_limit():
     """A stand-in server: a process group whose child is named like a scheduler and holds ~200 MB."""
-    import time
     from types import SimpleNamespace
 
     from sglang_tpla.bench.prefill import RssGuard
