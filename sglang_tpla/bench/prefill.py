@@ -4,7 +4,7 @@
         [--chunk 2048] [--repeats 1] [--max-rss-gb 8] [--out results/prefill.md] [-- extra sglang.launch_server flags]
 
 Each server (stock MLA, then TPLA with ``{"g": tp, "transform": "hadamard"}``) is started alone,
-sent one prompt per length (ascending, the same random token ids for both servers, each prompt
+sent ``--repeats`` prompts per length (lengths ascending, the same random token ids for both servers, each prompt
 new to the radix cache) with ``max_new_tokens=1``, and measured: wall time of the request
 (prefill of every chunk + one decode step) and the schedulers' peak resident memory (``VmHWM``,
 the largest over the TP ranks) after start-up and after each prompt.  Every chunk after the
@@ -91,11 +91,11 @@ def run_server(name, model_path, tp, args, env, lens, prompts, log_dir, max_rss_
         for n in lens:
             times, guard, t0 = [], RssGuard(srv, max_rss_gb), time.perf_counter()
             try:
-                for prompt in prompts[n]:  # each new to the radix cache
-                    t0, guard = time.perf_counter(), RssGuard(srv, max_rss_gb)
-                    with guard:
+                with guard:
+                    for prompt in prompts[n]:  # each new to the radix cache
+                        t0 = time.perf_counter()
                         srv.post("/generate", {"input_ids": prompt, "sampling_params": {"max_new_tokens": 1, "temperature": 0}}, timeout=3600)
-                    times.append(time.perf_counter() - t0)
+                        times.append(time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 - the failure is the measurement
                 time.sleep(2)  # let a dying server's launcher exit
                 rc = srv.proc.poll()
