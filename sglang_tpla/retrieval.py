@@ -17,6 +17,7 @@ must match the key's tokens in the cached latent and read the value's tokens fro
   ``python -m sglang_tpla.train --retrieval-frac F``).
 * :func:`build_task` (``seed``, ``n``) -> :class:`Example` s: ``prompt`` (the records and the earlier
   lookups, ending in ``"Lookup KEY ="``) and ``answer`` (``" VALUE"``), for evaluation.
+* :func:`answer_spans` (a training document) -> where its looked-up values are (the trainer's answer weight).
 * :func:`extract` / :func:`exact_match` / :func:`score`: the scorer (the first line of a generated
   continuation, whitespace-stripped, equal to the value).
 
@@ -91,6 +92,18 @@ def build_task(seed: int, n: int, n_pairs: int = 12, n_queries: int = 4) -> list
         k, v = queries[j]
         out.append(Example(prompt=body + done + f"{LOOKUP}{k} =", answer=f" {v}"))
     return out
+
+
+def answer_spans(document: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the looked-up values in a :func:`training_document` (the value of
+    every ``Lookup KEY = VALUE`` line): the only text a model can get right by copying from the records."""
+    spans, pos = [], 0
+    for line in document.splitlines(keepends=True):
+        if line.startswith(LOOKUP) and " = " in line:
+            start = pos + line.index(" = ") + 3
+            spans.append((start, pos + len(line.rstrip("\n"))))
+        pos += len(line)
+    return spans
 
 
 def extract(continuation: str) -> str:

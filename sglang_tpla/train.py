@@ -28,7 +28,9 @@ Options for a model whose latent is spread out (``tests/assets/tiny-deepseek-spr
 ``results/fidelity/spectrum.md``): ``--heads`` (default 4); ``--retrieval-frac F`` replaces that share of
 each batch's windows by synthetic key/value retrieval documents (:mod:`sglang_tpla.retrieval`; the held-out
 perplexity stays on natural text only, and the exact match on ``retrieval.build_task(seed=1, n=32)`` is
-recorded); ``--latent-spread L`` adds ``L`` times :func:`spread_penalty` (``log(r / participation ratio)``
+recorded at every evaluation); ``--answer-weight W`` counts the looked-up values' tokens ``W`` times in the
+loss (the only tokens learnt by copying); ``--retrieval-pairs MIN MAX`` / ``--retrieval-queries N`` set the
+records and lookups per training document (fewer records: an easier start); ``--latent-spread L`` adds ``L`` times :func:`spread_penalty` (``log(r / participation ratio)``
 of the batch's uncentred second moment of the cached latent ``u = c / RMS(c)``, mean over layers) to the
 loss.  Every run records the latent spectrum (:mod:`sglang_tpla.spectrum`) of the saved weights.
 
@@ -385,19 +387,28 @@ def spread_penalty(u: torch.Tensor) -> torch.Tensor:
     return torch.log(u.shape[-1] * m.pow(2).sum() / torch.diagonal(m).sum().pow(2))
 
 
-def retrieval_windows(tok, seed: int, start_doc: int, n: int, seq_len: int) -> tuple[torch.Tensor, int]:
+def retrieval_windows(tok, seed: int, start_doc: int, n: int, seq_len: int, n_pairs: tuple[int, int] = (4, 16),
+                      n_queries: int = 6) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``n`` ``[seq_len + 1]`` windows of :func:`sglang_tpla.retrieval.training_document` s ``start_doc, ..``
-    (``<s> text </s>`` each, packed, the last one cut); returns the windows and the next document index."""
-    from .retrieval import training_document
+    (``n_pairs``, ``n_queries`` as there; ``<s> text </s>`` each, packed, the last one cut); returns the windows, a ``[n, seq_len + 1]`` bool mask of
+    the tokens that are looked-up values (:func:`sglang_tpla.retrieval.answer_spans`: what the model can only
+    get right by copying from the records), and the next document index."""
+    from .retrieval import answer_spans, training_document
 
-    rows, i = [], start_doc
+    rows, masks, i = [], [], start_doc
     for _ in range(n):
         ids: list[int] = []
+        mask: list[bool] = []
         while len(ids) < seq_len + 1:
-            ids += tok.encode(training_document(seed, i)).ids + [1]
+            text = training_document(seed, i, n_pairs=n_pairs, n_queries=n_queries)
+            enc = tok.encode(text)
+            spans = answer_spans(text)
+            ids += enc.ids + [1]
+            mask += [any(lo < b and hi > a for a, b in spans) for lo, hi in enc.offsets] + [False]
             i += 1
         rows.append(ids[: seq_len + 1])
-    return torch.tensor(rows, dtype=torch.long), i
+        masks.append(mask[: seq_len + 1])
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool), i
 
 
 @torch.no_grad()
@@ -451,6 +462,9 @@ class TrainArgs:
     threads: int = 1
     retrieval_frac: float = 0.0  # share of each batch's windows that are synthetic retrieval documents
     latent_spread: float = 0.0  # weight of spread_penalty (mean over layers) in the loss
+    answer_weight: float = 1.0  # loss weight of the looked-up values' tokens in retrieval windows
+    retrieval_pairs: tuple[int, int] = (4, 16)  # records per training document (uniform in this range)
+    retrieval_queries: int = 6  # lookups per training document (at most its records)
     final_windows: int = 0  # held-out windows for the final perplexity (0: all)
     init_from: str | None = None  # continue from this model folder (its config, weights and tokenizer)
     fixed_latent_input: bool = False  # see fix_latent_input()
@@ -579,12 +593,20 @@ def train(a: TrainArgs, command: str = "") -> dict:
         w = train_wins[order[pos : pos + n_text]]
         pos += n_text
         if n_retr:
-            rw, retr_doc = retrieval_windows(tok, a.seed, retr_doc, n_retr, a.seq_len)
+            rw, rmask, retr_doc = retrieval_windows(tok, a.seed, retr_doc, n_retr, a.seq_len, a.retrieval_pairs,
+                                                    a.retrieval_queries)
             w = torch.cat([w, rw])
+            weight = torch.cat([torch.zeros(n_text, a.seq_len + 1, dtype=torch.bool), rmask])[:, 1:]
+            weight = 1.0 + (a.answer_weight - 1.0) * weight.float()
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, total_steps, a.lr, a.warmup)
         logits = model(w[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten())
+        if n_retr and a.answer_weight != 1.0:
+            # weighted mean: the looked-up values count answer_weight times (the reported loss is this mean)
+            nll = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="none")
+            loss = (nll * weight.flatten()).sum() / weight.sum()
+        else:
+            loss = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten())
         total = loss
         if a.latent_spread > 0:
             pen = torch.stack([spread_penalty(layer.self_attn.last_u) for layer in model.model.layers]).mean()
@@ -614,6 +636,9 @@ def train(a: TrainArgs, command: str = "") -> dict:
                          "heldout_nll": round(held, 4), "heldout_ppl": round(math.exp(held), 2), "grad_norm": round(gnorm, 3)})
             eta = f" (ETA {elapsed / step * (total_steps - step) / 60:.1f} min)" if total_steps < 10**9 else ""
             extra = f" spread {pen.item():.3f}" if a.latent_spread > 0 else ""
+            if n_retr:
+                rows[-1]["retrieval_em"] = retrieval_exact_match(model, tok)
+                extra += f" retrieval exact match {rows[-1]['retrieval_em']:.3f}"
             print(f"[step {step}/{total_steps}] {elapsed:7.0f}s{eta} loss {loss_v:.3f} (ema {ema:.3f}) held-out ppl "
                   f"{math.exp(held):.1f} (unigram {math.exp(uni_nll_eval):.1f}) lr {opt.param_groups[0]['lr']:.2e} |g| {gnorm:.2f}{extra}", flush=True)
         if last:
@@ -659,7 +684,7 @@ def train(a: TrainArgs, command: str = "") -> dict:
         "heldout_ppl": round(math.exp(final_nll), 3), "unigram_ppl": round(math.exp(uni_nll), 3),
         "model_bytes": (out / "model.safetensors").stat().st_size,
         "load_avg_end": round(os.getloadavg()[0], 1),
-        "heads": a.heads, "retrieval_frac": a.retrieval_frac, "latent_spread": a.latent_spread, "fixed_latent_input": a.fixed_latent_input,
+        "heads": a.heads, "retrieval_frac": a.retrieval_frac, "answer_weight": a.answer_weight, "retrieval_pairs": list(a.retrieval_pairs), "retrieval_queries": a.retrieval_queries, "latent_spread": a.latent_spread, "fixed_latent_input": a.fixed_latent_input,
         "retrieval_exact_match": retr_em,
         "spectrum_uncentred_top16_64_128_256": [[round(v, 4) for v in row] for row in spec["uncentred"]],
     }
@@ -730,7 +755,7 @@ def _write_report(out, a, cfg, s, by_source, train_docs, held_docs, rows, comman
         f"Reproduce without the wall-time dependence (same seed, same schedule): `python -m sglang_tpla.train --out DIR "
         f"--seed {a.seed} --batch {a.batch} --seq-len {a.seq_len} --lr {a.lr} --eval-every {a.eval_every} "
         f"--threads {a.threads} --layers {a.layers} --hidden {a.hidden} --heads {a.heads} --intermediate {a.intermediate} "
-        f"--weight-decay {a.weight_decay} --retrieval-frac {a.retrieval_frac} --latent-spread {a.latent_spread} "
+        f"--weight-decay {a.weight_decay} --retrieval-frac {a.retrieval_frac} --answer-weight {a.answer_weight} --retrieval-pairs {a.retrieval_pairs[0]} {a.retrieval_pairs[1]} --retrieval-queries {a.retrieval_queries} --latent-spread {a.latent_spread} "
         f"{'--fixed-latent-input ' if a.fixed_latent_input else ''}"
         + (f"--init-from {a.init_from} " if a.init_from else "") + f"--steps {s['schedule_steps']} --minutes 100000`"
         + ("" if s["steps"] == s["schedule_steps"] else f" (this run stopped at step {s['steps']} on the wall-time budget)") + ".",
@@ -779,6 +804,14 @@ def main(argv=None) -> int:
     p.add_argument("--retrieval-frac", type=float, default=0.0,
                    help="share of each batch's windows that are synthetic key/value retrieval documents "
                    "(sglang_tpla.retrieval; default 0)")
+    p.add_argument("--answer-weight", type=float, default=1.0,
+                   help="loss weight of the looked-up values' tokens in the retrieval windows (the only tokens "
+                   "learnt by copying from the context; default 1)")
+    p.add_argument("--retrieval-pairs", type=int, nargs=2, default=[4, 16], metavar=("MIN", "MAX"),
+                   help="records per retrieval training document, uniform in [MIN, MAX] (default 4 16; the "
+                   "evaluation task has 12)")
+    p.add_argument("--retrieval-queries", type=int, default=6,
+                   help="lookups per retrieval training document, at most its records (default 6)")
     p.add_argument("--latent-spread", type=float, default=0.0,
                    help="weight of the latent spread penalty (log r/participation ratio of the batch's cached-latent "
                    "second moment, mean over layers; default 0)")
@@ -813,7 +846,8 @@ def main(argv=None) -> int:
                          seq_len=args.seq_len, eval_every=args.eval_every, threads=args.threads,
                          layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
                          weight_decay=args.weight_decay, retrieval_frac=args.retrieval_frac,
-                         latent_spread=args.latent_spread, final_windows=args.final_windows,
+                         latent_spread=args.latent_spread, final_windows=args.final_windows, answer_weight=args.answer_weight,
+                         retrieval_pairs=tuple(args.retrieval_pairs), retrieval_queries=args.retrieval_queries,
                          init_from=args.init_from, fixed_latent_input=args.fixed_latent_input), cmd)
     print(json.dumps(s), flush=True)
     return 0

@@ -70,6 +70,39 @@ def test_retrieval_scorer():
         R.score([" 0042"], ex)
 
 
+def test_answer_spans_are_the_looked_up_values():
+    for index in range(5):
+        doc = R.training_document(3, index)
+        lookups = re.findall(r"^Lookup \S+ = (\d{4})$", doc, flags=re.M)
+        spans = R.answer_spans(doc)
+        assert [doc[a:b] for a, b in spans] == lookups and len(lookups) >= 4
+        # only lookup lines: the same value text inside a record line is not marked
+        assert all(doc.rfind("\n", 0, a) < doc.find(R.LOOKUP, doc.rfind("\n", 0, a)) < a for a, _ in spans)
+
+
+def test_retrieval_windows_mark_exactly_the_looked_up_value_tokens():
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(LOWRANK / "tokenizer.json"))
+    wins, mask, nxt = T.retrieval_windows(tok, seed=3, start_doc=0, n=2, seq_len=1024)
+    assert wins.shape == mask.shape == (2, 1025) and mask.dtype == torch.bool
+    # the first window holds documents 0, 1, .. whole: its marked tokens decode to their lookups' values
+    ids, values = wins[0].tolist(), []
+    n_whole = ids.count(1) - (ids[-1] == 1)
+    for i in range(n_whole):
+        values += re.findall(r"^Lookup \S+ = (\d{4})$", R.training_document(3, i), flags=re.M)
+    runs, prev = [], False  # contiguous marked runs, one per value
+    last_eos = len(ids) - ids[::-1].index(1)
+    for t, m in zip(ids[:last_eos], mask[0, :last_eos].tolist()):
+        if m and prev:
+            runs[-1].append(t)
+        elif m:
+            runs.append([t])
+        prev = m
+    assert [tok.decode(r).strip() for r in runs] == values
+    assert nxt > n_whole
+
+
 # --------------------------------------------------------------------------- spectrum tool
 
 

@@ -1,5 +1,6 @@
 """The CPU training path (sglang_tpla.train) and the shipped trained tiny model asset."""
 
+import csv
 import json
 import math
 import re
@@ -239,3 +240,19 @@ def test_train_end_to_end(tmp_path, monkeypatch):
     assert set(sd) == set(random_state_dict(cfg))
     assert "heldout_ppl = " in (out / "TRAINING.md").read_text()
     assert len((out / "heldout.jsonl").read_text().splitlines()) == 3
+
+
+def test_train_with_retrieval_mix_records_exact_match(tmp_path, monkeypatch):
+    """The retrieval mix with a weighted answer loss runs end to end and puts the exact match in the curve."""
+    src = _small_sources(tmp_path)
+    docs, _ = T.build_corpus(0, sources=src)
+    monkeypatch.setattr(T, "build_corpus", lambda seed, max_chars=None: (docs[:-3], docs[-3:]))
+    out = tmp_path / "model"
+    args = T.TrainArgs(out=str(out), minutes=5, steps=2, seq_len=32, batch=2, warmup=1, eval_every=1, eval_windows=2,
+                       vocab=300, layers=1, hidden=64, heads=2, intermediate=64, retrieval_frac=0.5, answer_weight=5.0)
+    s = T.train(args, command="test")
+    assert s["answer_weight"] == 5.0 and 0.0 <= s["retrieval_exact_match"] <= 1.0
+    with open(out / "training_curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(0.0 <= float(r["retrieval_em"]) <= 1.0 for r in rows)
+    assert "--answer-weight 5.0" in (out / "TRAINING.md").read_text()
