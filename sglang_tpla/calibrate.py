@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -175,7 +176,7 @@ def run(args, server_args: list[str]) -> Path:
     num_layers = int(cfg["num_hidden_layers"])
 
     work = Path(tempfile.mkdtemp(prefix="tpla-calibrate-"))
-    ours = {"SGLANG_TPLA_CALIBRATE_DIR": str(work), "SGLANG_TPLA_CALIBRATE_PAIRS": str(args.lsq_pairs)}
+    ours = server_env(args, work)
     server = ServerProcess(
         args.model_path, tp=args.tp, env=ours, log_path=work / "server.log", name="tpla-calibrate",
         args=["--disable-radix-cache", *server_args],
@@ -231,6 +232,17 @@ def run(args, server_args: list[str]) -> Path:
 
 
 _KEEP_ENV = ("SGLANG_TPLA_CPU_MEM_GB", "SGLANG_TPLA_ENV_ROOT", "SGLANG_TPLA_CPU_TRACE_ATTN")
+CPU_MEM_DEFAULT_GB = "1"
+
+
+def server_env(args, work: Path) -> dict[str, str]:
+    """What the calibration server's environment gets from us: the capture hook's folder and pair count, and
+    the CPU platform's KV budget (``--cpu-mem-gb``, else ``$SGLANG_TPLA_CPU_MEM_GB``, else 1 GiB; SGLang's own
+    default sizes the pool from all free memory, 8-13 GB for a tiny model on a 24 GB machine).  A GPU server
+    ignores the budget (``--mem-fraction-static`` as usual)."""
+    mem = args.cpu_mem_gb or os.environ.get("SGLANG_TPLA_CPU_MEM_GB") or CPU_MEM_DEFAULT_GB
+    return {"SGLANG_TPLA_CALIBRATE_DIR": str(work), "SGLANG_TPLA_CALIBRATE_PAIRS": str(args.lsq_pairs),
+            "SGLANG_TPLA_CPU_MEM_GB": str(mem)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -251,6 +263,8 @@ def parser() -> argparse.ArgumentParser:
                     help="also fit the 'fit' transform's rotation for these g (sglang_tpla.rotation_fit)")
     ap.add_argument("--fit-steps", type=int, default=200, help="optimizer steps per layer for --fit-g")
     ap.add_argument("--flush-timeout", type=float, default=120.0)
+    ap.add_argument("--cpu-mem-gb", help="KV budget in GiB of the server on SGLang's CPU platform (default: "
+                    f"$SGLANG_TPLA_CPU_MEM_GB, else {CPU_MEM_DEFAULT_GB}); no effect on a GPU")
     return ap
 
 

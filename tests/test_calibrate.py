@@ -137,3 +137,16 @@ def test_config_norm_and_lsq_options(tmp_path):
         validate_for_model(from_sources({"mu": "lsq", "g": 2}), hf, 2)
     with pytest.raises(TPLAConfigError, match="does not exist"):
         validate_for_model(from_sources({"mu": "lsq", "g": 2, "calibration": str(tmp_path / "nope.pt")}), hf, 2)
+
+
+def test_server_kv_budget_defaults_to_one_gib_on_the_cpu_platform(tmp_path, monkeypatch):
+    """Without a budget SGLang's CPU platform sizes the KV pool from all free memory (GBs for a tiny model)."""
+    base = ["--model-path", "m", "--data", "d", "--num-tokens", "1", "--out", "o"]
+    monkeypatch.delenv("SGLANG_TPLA_CPU_MEM_GB", raising=False)
+    args, _ = calibrate.parser().parse_known_args(base)
+    env = calibrate.server_env(args, tmp_path)
+    assert env["SGLANG_TPLA_CPU_MEM_GB"] == "1" and env["SGLANG_TPLA_CALIBRATE_DIR"] == str(tmp_path)
+    monkeypatch.setenv("SGLANG_TPLA_CPU_MEM_GB", "3")
+    assert calibrate.server_env(args, tmp_path)["SGLANG_TPLA_CPU_MEM_GB"] == "3"
+    args, _ = calibrate.parser().parse_known_args([*base, "--cpu-mem-gb", "0.5"])
+    assert calibrate.server_env(args, tmp_path)["SGLANG_TPLA_CPU_MEM_GB"] == "0.5"
