@@ -197,3 +197,55 @@ def test_spread_asset_learned():
     print(f"spread asset held-out sample: ppl {ppl:.1f} vs unigram {unigram_ppl:.1f} (TRAINING.md: {recorded})")
     assert ppl < 0.6 * unigram_ppl
     assert 0.5 * recorded < ppl < 2.0 * recorded
+
+
+# --------------------------------------------------------------------------- the retrieval asset
+
+RETRIEVAL = ASSETS / "tiny-deepseek-retrieval"
+needs_retrieval = pytest.mark.skipif(not (RETRIEVAL / "model.safetensors").exists(), reason="retrieval asset not built")
+
+
+@needs_retrieval
+def test_retrieval_asset_layout():
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "TRAINING.md",
+              "training_curve.csv", "training_curve.png"):
+        assert (RETRIEVAL / f).is_file(), f
+    assert sum(f.stat().st_size for f in RETRIEVAL.rglob("*") if f.is_file()) <= 50 * 2**20
+    cfg, sd = load_model(RETRIEVAL)
+    assert (cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]) == (512, 64, 128, 128)
+    assert set(sd) == set(random_state_dict(cfg))
+    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+
+
+@needs_retrieval
+def test_retrieval_asset_does_the_task_under_mla():
+    """The precondition of the retrieval evaluation (issue #17 item 4): with exact MLA (fp32 reference model,
+    greedy) the asset copies the looked-up value on the evaluation task's first examples; the expected answer
+    is the task generator's, not the model's."""
+    from tokenizers import Tokenizer
+
+    cfg, sd = load_model(RETRIEVAL, dtype=torch.float32)
+    ref = ReferenceDeepseek(cfg, sd)
+    tok = Tokenizer.from_file(str(RETRIEVAL / "tokenizer.json"))
+    exs = R.build_task(seed=1, n=RETRIEVAL_EXAMPLES)
+    outs = []
+    for ex in exs:
+        new, _ = ref.generate(tok.encode(ex.prompt).ids, 5, AttentionMode("mla"))
+        outs.append(tok.decode(new))
+    em = R.score(outs, exs)
+    print(f"retrieval asset, MLA greedy exact match on build_task(seed=1, n={len(exs)}): {em:.3f}")
+    assert em >= RETRIEVAL_MIN_EM
+
+
+@needs_retrieval
+def test_retrieval_asset_latent_is_spread():
+    """On retrieval documents (the asset's traffic), not on natural text."""
+    cfg, sd = load_model(RETRIEVAL, dtype=torch.float32)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(RETRIEVAL / "tokenizer.json"))
+    wins, _, _ = T.retrieval_windows(tok, seed=7, start_doc=0, n=8, seq_len=256)
+    spec = S.spectra(S.latent_moments(cfg, sd, wins[:, :-1]))
+    top64 = [row[1] for row in spec["uncentred"]]
+    print("retrieval asset, uncentred top-64 share per layer:", [round(v, 4) for v in top64])
+    assert max(top64) <= TOP64_BOUND
