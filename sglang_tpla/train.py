@@ -432,6 +432,15 @@ def retrieval_exact_match(model: "TrainableDeepseek", tok, seed: int = 1, n: int
     return R.score(outs, exs)
 
 
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean NLL of ``targets [B, T]`` under ``logits [B, T, V]``; with ``weight [B, T]`` the weighted mean
+    (``--answer-weight``: the looked-up values count that many times; the reported loss is this mean)."""
+    if weight is None:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return (nll * weight.flatten()).sum() / weight.sum()
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -601,12 +610,7 @@ def train(a: TrainArgs, command: str = "") -> dict:
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, total_steps, a.lr, a.warmup)
         logits = model(w[:, :-1])
-        if n_retr and a.answer_weight != 1.0:
-            # weighted mean: the looked-up values count answer_weight times (the reported loss is this mean)
-            nll = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="none")
-            loss = (nll * weight.flatten()).sum() / weight.sum()
-        else:
-            loss = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten())
+        loss = token_loss(logits, w[:, 1:], weight if n_retr and a.answer_weight != 1.0 else None)
         total = loss
         if a.latent_spread > 0:
             pen = torch.stack([spread_penalty(layer.self_attn.last_u) for layer in model.model.layers]).mean()

@@ -222,15 +222,20 @@ def test_asset_trainable_matches_reference():
     _compare_with_reference(cfg, sd, _asset_windows(1, seq_len=128)[:, :-1], atol=1e-3)
 
 
-def test_train_end_to_end(tmp_path, monkeypatch):
-    """A few steps of the real training driver on a small corpus: writes a complete model dir."""
+def _small_run(tmp_path, monkeypatch, **kw):
+    """The real training driver on a small corpus (3 held-out documents) and a 1-layer model."""
     src = _small_sources(tmp_path)
     docs, _ = T.build_corpus(0, sources=src)
     monkeypatch.setattr(T, "build_corpus", lambda seed, max_chars=None: (docs[:-3], docs[-3:]))
     out = tmp_path / "model"
-    args = T.TrainArgs(out=str(out), minutes=5, steps=4, seq_len=32, batch=2, warmup=1, eval_every=2, eval_windows=2,
-                       vocab=300, layers=1, hidden=64, heads=2, intermediate=64)
-    s = T.train(args, command="test")
+    args = T.TrainArgs(out=str(out), minutes=5, seq_len=32, batch=2, warmup=1, eval_windows=2,
+                       vocab=300, layers=1, hidden=64, heads=2, intermediate=64, **kw)
+    return out, T.train(args, command="test")
+
+
+def test_train_end_to_end(tmp_path, monkeypatch):
+    """A few steps of the real training driver on a small corpus: writes a complete model dir."""
+    out, s = _small_run(tmp_path, monkeypatch, steps=4, eval_every=2)
     assert s["steps"] == 4 and s["heldout_ppl"] > 0 and s["unigram_ppl"] > 0
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "TRAINING.md",
               "training_curve.csv", "training_curve.png", "heldout.jsonl", "heldout.txt"):
@@ -244,15 +249,20 @@ def test_train_end_to_end(tmp_path, monkeypatch):
 
 def test_train_with_retrieval_mix_records_exact_match(tmp_path, monkeypatch):
     """The retrieval mix with a weighted answer loss runs end to end and puts the exact match in the curve."""
-    src = _small_sources(tmp_path)
-    docs, _ = T.build_corpus(0, sources=src)
-    monkeypatch.setattr(T, "build_corpus", lambda seed, max_chars=None: (docs[:-3], docs[-3:]))
-    out = tmp_path / "model"
-    args = T.TrainArgs(out=str(out), minutes=5, steps=2, seq_len=32, batch=2, warmup=1, eval_every=1, eval_windows=2,
-                       vocab=300, layers=1, hidden=64, heads=2, intermediate=64, retrieval_frac=0.5, answer_weight=5.0)
-    s = T.train(args, command="test")
+    out, s = _small_run(tmp_path, monkeypatch, steps=2, eval_every=1, retrieval_frac=0.5, answer_weight=5.0)
     assert s["answer_weight"] == 5.0 and 0.0 <= s["retrieval_exact_match"] <= 1.0
     with open(out / "training_curve.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(0.0 <= float(r["retrieval_em"]) <= 1.0 for r in rows)
     assert "--answer-weight 5.0" in (out / "TRAINING.md").read_text()
+
+
+def test_weighted_loss():
+    """Weight 1 everywhere is the plain mean NLL; a weight w on one target counts its NLL w times."""
+    logits = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    torch.testing.assert_close(T.token_loss(logits, targets, None), nll.mean())
+    w = torch.ones(2, 3)
+    w[1, 2] = 4.0
+    torch.testing.assert_close(T.token_loss(logits, targets, w), (nll.sum() + 3 * nll[5]) / 9)
