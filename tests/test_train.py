@@ -266,3 +266,13 @@ def test_weighted_loss():
     w = torch.ones(2, 3)
     w[1, 2] = 4.0
     torch.testing.assert_close(T.token_loss(logits, targets, w), (nll.sum() + 3 * nll[5]) / 9)
+
+
+def test_add_embedding_mean_shifts_every_row_by_one_vector():
+    cfg = tiny_config(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, vocab_size=300, intermediate_size=64)
+    model = T.TrainableDeepseek(cfg).init_weights(0)
+    before = model.model.embed_tokens.weight.detach().clone()
+    T.add_embedding_mean(model, 0.5, seed=3)
+    shift = model.model.embed_tokens.weight.detach() - before
+    torch.testing.assert_close(shift, shift[:1].expand_as(shift))
+    torch.testing.assert_close(shift[0].norm(), 0.5 * before.norm(dim=1).mean())
