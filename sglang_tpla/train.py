@@ -521,8 +521,9 @@ def add_embedding_mean(model: "TrainableDeepseek", scale: float, seed: int) -> N
     embedding.  DeepSeek's projections and norms have no bias, so on random tokens (keys, values) nothing in
     the residual stream is the same at every position, and a query cannot ask for a position (the previous
     token, the one after a match) before the embeddings have learnt such a direction; the shared vector gives
-    it from the start.  Measured with a 2-layer model: the previous-token task is learnt in 150-200 steps with
-    ``S = 1`` and not at all in 300 without; ``results/fidelity/retrieval/README.md``."""
+    it from the start.  Measured with a 2-layer model (``results/fidelity/retrieval/README.md``): a repeated
+    random sequence is copied within 600 steps with ``S = 1`` (loss 0.003) and not at all without (6.235,
+    chance 6.23)."""
     gen = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         e = model.model.embed_tokens.weight
