@@ -30,9 +30,10 @@ each batch's windows by synthetic key/value retrieval documents (:mod:`sglang_tp
 perplexity stays on natural text only, and the exact match on ``retrieval.build_task(seed=1, n=32)`` is
 recorded at every evaluation); ``--answer-weight W`` counts the looked-up values' tokens ``W`` times in the
 loss (the only tokens learnt by copying); ``--retrieval-pairs MIN MAX`` / ``--retrieval-queries N`` set the
-records and lookups per training document (fewer records: an easier start); ``--latent-spread L`` adds ``L`` times :func:`spread_penalty` (``log(r / participation ratio)``
-of the batch's uncentred second moment of the cached latent ``u = c / RMS(c)``, mean over layers) to the
-loss.  Every run records the latent spectrum (:mod:`sglang_tpla.spectrum`) of the saved weights.
+records and lookups per training document (fewer records: an easier start); ``--embedding-mean S``: see
+:func:`add_embedding_mean`; ``--latent-spread L`` adds ``L`` times :func:`spread_penalty`
+(``log(r / participation ratio)`` of the batch's uncentred second moment of the cached latent
+``u = c / RMS(c)``, mean over layers) to the loss.  Every run records the latent spectrum (:mod:`sglang_tpla.spectrum`) of the saved weights.
 
 The trainable module :class:`TrainableDeepseek` uses exactly the HF DeepSeek-V3 weight names of
 :func:`sglang_tpla.tiny_model.random_state_dict` and is checked against
@@ -390,9 +391,10 @@ def spread_penalty(u: torch.Tensor) -> torch.Tensor:
 def retrieval_windows(tok, seed: int, start_doc: int, n: int, seq_len: int, n_pairs: tuple[int, int] = (4, 16),
                       n_queries: int = 6) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``n`` ``[seq_len + 1]`` windows of :func:`sglang_tpla.retrieval.training_document` s ``start_doc, ..``
-    (``n_pairs``, ``n_queries`` as there; ``<s> text </s>`` each, packed, the last one cut); returns the windows, a ``[n, seq_len + 1]`` bool mask of
-    the tokens that are looked-up values (:func:`sglang_tpla.retrieval.answer_spans`: what the model can only
-    get right by copying from the records), and the next document index."""
+    (``n_pairs``, ``n_queries`` as there; ``<s> text </s>`` each, packed, the last one cut); returns the
+    windows, a ``[n, seq_len + 1]`` bool mask of the tokens that are looked-up values
+    (:func:`sglang_tpla.retrieval.answer_spans`: what the model can only get right by copying from the
+    records), and the next document index."""
     from .retrieval import answer_spans, training_document
 
     rows, masks, i = [], [], start_doc
@@ -532,6 +534,9 @@ def add_embedding_mean(model: "TrainableDeepseek", scale: float, seed: int) -> N
 
 
 def train(a: TrainArgs, command: str = "") -> dict:
+    if a.embedding_mean and a.init_from:
+        raise ValueError("--embedding-mean shapes a fresh initialisation; drop it with --init-from (the model "
+                         "continued keeps its own embeddings)")
     torch.manual_seed(a.seed)
     t_start = time.time()
     out = Path(a.out)
@@ -577,9 +582,10 @@ def train(a: TrainArgs, command: str = "") -> dict:
             raise ValueError("--fixed-latent-input needs --hidden >= kv_lora_rank (an orthonormal latent projection)")
         frozen = fix_latent_input(model, a.seed, reinit=not a.init_from)
         print(f"[model] fixed, not trained: {len(frozen)} tensors ({', '.join(FIXED_BY_LATENT_INPUT)})", flush=True)
-    if a.embedding_mean and not a.init_from:
+    if a.embedding_mean:
         add_embedding_mean(model, a.embedding_mean, a.seed)
-        print(f"[model] a shared vector {a.embedding_mean} x the mean embedding norm added to every embedding", flush=True)
+        print(f"[model] a shared vector {a.embedding_mean} x the mean embedding norm added to every embedding",
+              flush=True)
 
     train_wins = windows(train_stream, a.seq_len)
     held_wins = windows(held_stream, a.seq_len)
@@ -707,7 +713,10 @@ def train(a: TrainArgs, command: str = "") -> dict:
         "heldout_ppl": round(math.exp(final_nll), 3), "unigram_ppl": round(math.exp(uni_nll), 3),
         "model_bytes": (out / "model.safetensors").stat().st_size,
         "load_avg_end": round(os.getloadavg()[0], 1),
-        "heads": a.heads, "retrieval_frac": a.retrieval_frac, "answer_weight": a.answer_weight, "retrieval_pairs": list(a.retrieval_pairs), "retrieval_queries": a.retrieval_queries, "embedding_mean": a.embedding_mean, "latent_spread": a.latent_spread, "fixed_latent_input": a.fixed_latent_input,
+        "heads": a.heads, "retrieval_frac": a.retrieval_frac, "answer_weight": a.answer_weight,
+        "retrieval_pairs": list(a.retrieval_pairs), "retrieval_queries": a.retrieval_queries,
+        "embedding_mean": a.embedding_mean, "latent_spread": a.latent_spread,
+        "fixed_latent_input": a.fixed_latent_input,
         "retrieval_exact_match": retr_em,
         "spectrum_uncentred_top16_64_128_256": [[round(v, 4) for v in row] for row in spec["uncentred"]],
     }
@@ -778,7 +787,9 @@ def _write_report(out, a, cfg, s, by_source, train_docs, held_docs, rows, comman
         f"Reproduce without the wall-time dependence (same seed, same schedule): `python -m sglang_tpla.train --out DIR "
         f"--seed {a.seed} --batch {a.batch} --seq-len {a.seq_len} --lr {a.lr} --eval-every {a.eval_every} "
         f"--threads {a.threads} --layers {a.layers} --hidden {a.hidden} --heads {a.heads} --intermediate {a.intermediate} "
-        f"--weight-decay {a.weight_decay} --retrieval-frac {a.retrieval_frac} --answer-weight {a.answer_weight} --retrieval-pairs {a.retrieval_pairs[0]} {a.retrieval_pairs[1]} --retrieval-queries {a.retrieval_queries} --embedding-mean {a.embedding_mean} --latent-spread {a.latent_spread} "
+        f"--weight-decay {a.weight_decay} --retrieval-frac {a.retrieval_frac} --answer-weight {a.answer_weight} "
+        f"--retrieval-pairs {a.retrieval_pairs[0]} {a.retrieval_pairs[1]} --retrieval-queries {a.retrieval_queries} "
+        f"--embedding-mean {a.embedding_mean} --latent-spread {a.latent_spread} "
         f"{'--fixed-latent-input ' if a.fixed_latent_input else ''}"
         + (f"--init-from {a.init_from} " if a.init_from else "") + f"--steps {s['schedule_steps']} --minutes 100000`"
         + ("" if s["steps"] == s["schedule_steps"] else f" (this run stopped at step {s['steps']} on the wall-time budget)") + ".",
@@ -872,7 +883,8 @@ def main(argv=None) -> int:
                          seq_len=args.seq_len, eval_every=args.eval_every, threads=args.threads,
                          layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
                          weight_decay=args.weight_decay, retrieval_frac=args.retrieval_frac,
-                         latent_spread=args.latent_spread, final_windows=args.final_windows, answer_weight=args.answer_weight,
+                         latent_spread=args.latent_spread, final_windows=args.final_windows,
+                         answer_weight=args.answer_weight,
                          retrieval_pairs=tuple(args.retrieval_pairs), retrieval_queries=args.retrieval_queries,
                          embedding_mean=args.embedding_mean,
                          init_from=args.init_from, fixed_latent_input=args.fixed_latent_input), cmd)

@@ -276,3 +276,8 @@ def test_add_embedding_mean_shifts_every_row_by_one_vector():
     shift = model.model.embed_tokens.weight.detach() - before
     torch.testing.assert_close(shift, shift[:1].expand_as(shift))
     torch.testing.assert_close(shift[0].norm(), 0.5 * before.norm(dim=1).mean())
+
+
+def test_embedding_mean_is_refused_with_init_from(tmp_path):
+    with pytest.raises(ValueError, match="--embedding-mean.*--init-from"):
+        T.train(T.TrainArgs(out=str(tmp_path / "m"), init_from=str(tmp_path / "prev"), embedding_mean=0.5))
