@@ -6,7 +6,11 @@ A 2-layer DeepSeek-V3 with real MLA dims (hidden 128, 2 heads, vocab 512; ``sgla
 with its init), AdamW lr 3e-3 (betas 0.9/0.95, weight decay 0.1), batches of 16 random-token sequences:
 
 * ``prev``: 64 random tokens; the target at position t is the token at t-1 (a previous-token head).
-* ``repeat``: 32 random tokens, then the same 32 again; loss on the repeated half (an induction head).
+* ``repeat``: 32 random tokens, then the same 32 again; loss on the repeated half (an induction head, or a
+  head that attends 31 positions back: the distance is fixed).
+* ``shifted``: as ``repeat`` but with 0-31 random tokens (uniform per sequence) between the two copies and
+  random filler after, 96 tokens; loss on the copy after its first token. The distance varies, so only a
+  content-matching (induction) head helps.
 
 ``MEAN``: ``sglang_tpla.train.add_embedding_mean`` scale (0: the plain init). Prints the loss every 50 steps;
 ``log 509 = 6.23`` is chance.
@@ -34,11 +38,21 @@ def main(mean: float, task: str, steps: int) -> None:
         if task == "prev":
             x = torch.randint(3, 512, (16, 64))
             loss = F.cross_entropy(model(x)[:, 1:].flatten(0, 1), x[:, :-1].flatten())
-        else:
+        elif task == "repeat":
             x = torch.randint(3, 512, (16, 32))
             w = torch.cat([x, x], 1)
             nll = F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten(), reduction="none").view(16, -1)
             loss = nll[:, 32:].mean()
+        else:  # shifted: x, a random gap of 0-31 random tokens, x again, random filler to 96 tokens
+            w = torch.randint(3, 512, (16, 96))
+            gap = torch.randint(0, 32, (16,))
+            mask = torch.zeros(16, 95, dtype=torch.bool)
+            for r in range(16):
+                g = int(gap[r])
+                w[r, 32 + g : 64 + g] = w[r, :32]
+                mask[r, 32 + g : 63 + g] = True  # targets w[33+g .. 63+g]: the copy after its first token
+            nll = F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten(), reduction="none").view(16, -1)
+            loss = nll[mask].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
