@@ -525,8 +525,8 @@ def add_embedding_mean(model: "TrainableDeepseek", scale: float, seed: int) -> N
     token, the one after a match) before the embeddings have learnt such a direction; the shared vector gives
     it from the start.  Measured with a 2-layer model (``results/fidelity/retrieval/README.md``): a repeated
     random sequence is copied from 32 tokens back within 600 steps with ``S = 1`` (loss 0.003) and not at all
-    without (6.235, chance 6.23).  A fixed distance is reachable by position alone: on the retrieval documents
-    (varying distances) no run with it has learnt to copy."""
+    without (6.235, chance 6.23).  A fixed distance is reachable by position alone: with varying distances (the
+    retrieval documents, the probe's ``shifted`` task) nothing has learnt to copy with it yet."""
     gen = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         e = model.model.embed_tokens.weight
