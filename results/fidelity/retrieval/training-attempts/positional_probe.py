@@ -1,6 +1,6 @@
 """Can the trainable DeepSeek (no biases) learn positional attention on random tokens?
 
-    PYTHONPATH=. python results/fidelity/retrieval/training-attempts/positional_probe.py MEAN TASK STEPS
+    PYTHONPATH=. python results/fidelity/retrieval/training-attempts/positional_probe.py MEAN TASK STEPS [gpt]
 
 A 2-layer DeepSeek-V3 with real MLA dims (hidden 128, 2 heads, vocab 512; ``sglang_tpla.train.TrainableDeepseek``
 with its init), AdamW lr 3e-3 (betas 0.9/0.95, weight decay 0.1), batches of 16 random-token sequences:
@@ -12,7 +12,8 @@ with its init), AdamW lr 3e-3 (betas 0.9/0.95, weight decay 0.1), batches of 16 
   random filler after, 96 tokens; loss on the copy after its first token. The distance varies, so only a
   content-matching (induction) head helps.
 
-``MEAN``: ``sglang_tpla.train.add_embedding_mean`` scale (0: the plain init). Prints the loss every 50 steps;
+``MEAN``: ``sglang_tpla.train.add_embedding_mean`` scale (0: the plain init). ``gpt``: train :class:`PlainGPT`
+instead (the control; ``MEAN`` is ignored). Prints the loss every 50 steps;
 ``log 509 = 6.23`` is chance.
 """
 
@@ -25,14 +26,33 @@ from sglang_tpla.tiny_model import tiny_config
 from sglang_tpla.train import TrainableDeepseek, add_embedding_mean
 
 
-def main(mean: float, task: str, steps: int) -> None:
+class PlainGPT(torch.nn.Module):
+    """The control: a pre-norm GPT of the same width and depth with biases and learned positions (torch.nn)."""
+
+    def __init__(self, vocab: int = 512, d: int = 128, layers: int = 2, heads: int = 2, ctx: int = 128):
+        super().__init__()
+        self.tok, self.pos = torch.nn.Embedding(vocab, d), torch.nn.Embedding(ctx, d)
+        layer = torch.nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(t)
+        return self.head(self.body(self.tok(x) + self.pos(torch.arange(t)), mask=mask, is_causal=True))
+
+
+def main(mean: float, task: str, steps: int, arch: str = "deepseek") -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = tiny_config(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, vocab_size=512,
-                      intermediate_size=256, torch_dtype="bfloat16")
-    model = TrainableDeepseek(cfg).init_weights(0)
-    if mean:
-        add_embedding_mean(model, mean, seed=0)
+    if arch == "gpt":
+        model = PlainGPT()
+    else:
+        cfg = tiny_config(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, vocab_size=512,
+                          intermediate_size=256, torch_dtype="bfloat16")
+        model = TrainableDeepseek(cfg).init_weights(0)
+        if mean:
+            add_embedding_mean(model, mean, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     for step in range(1, steps + 1):
         if task == "prev":
@@ -57,8 +77,9 @@ def main(mean: float, task: str, steps: int) -> None:
         loss.backward()
         opt.step()
         if step % 50 == 0:
-            print(f"mean {mean} {task} step {step} loss {loss.item():.3f}", flush=True)
+            print(f"{'' if arch == 'deepseek' else 'plain GPT '}mean {mean} {task} step {step} loss {loss.item():.3f}",
+                  flush=True)
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    main(float(sys.argv[1]), sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
