@@ -230,22 +230,31 @@ def _lin(i: int, o: int) -> nn.Linear:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: dict):
+    """MLA, non-absorbed.  ``direct_kv`` (``--kv-parametrization direct``): queries, keys and values straight
+    from the normalised residual (``q_proj``, ``kv_proj``, ``k_pe_proj``) instead of through the query low-rank
+    and the latent; :func:`mla_state_dict` writes the same function as MLA weights."""
+
+    def __init__(self, cfg: dict, direct_kv: bool = False):
         super().__init__()
         hid, self.heads = cfg["hidden_size"], cfg["num_attention_heads"]
         self.nope, self.rope, self.vdim, self.r = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
         eps = float(cfg["rms_norm_eps"])
         qk = self.nope + self.rope
-        self.q_lora = bool(cfg.get("q_lora_rank"))
+        self.q_lora = bool(cfg.get("q_lora_rank")) and not direct_kv
         if self.q_lora:
             self.q_a_proj = _lin(hid, cfg["q_lora_rank"])
             self.q_a_layernorm = RMSNorm(cfg["q_lora_rank"], eps)
             self.q_b_proj = _lin(cfg["q_lora_rank"], self.heads * qk)
         else:
             self.q_proj = _lin(hid, self.heads * qk)
-        self.kv_a_proj_with_mqa = _lin(hid, self.r + self.rope)
-        self.kv_a_layernorm = RMSNorm(self.r, eps)
-        self.kv_b_proj = _lin(self.r, self.heads * (self.nope + self.vdim))
+        self.direct_kv = direct_kv
+        if direct_kv:
+            self.k_pe_proj = _lin(hid, self.rope)
+            self.kv_proj = _lin(hid, self.heads * (self.nope + self.vdim))
+        else:
+            self.kv_a_proj_with_mqa = _lin(hid, self.r + self.rope)
+            self.kv_a_layernorm = RMSNorm(self.r, eps)
+            self.kv_b_proj = _lin(self.r, self.heads * (self.nope + self.vdim))
         self.o_proj = _lin(self.heads * self.vdim, hid)
         self.scale = softmax_scale(cfg)
         self.keep_latent = False  # set by train(): keep u = c / RMS(c) of the last forward (spread penalty)
@@ -256,10 +265,13 @@ class Attention(nn.Module):
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
         q = q.view(b, t, self.heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], -1)
-        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.rope], -1)
-        if self.keep_latent:
-            self.last_u = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + self.kv_a_layernorm.eps)
-        kv = self.kv_b_proj(self.kv_a_layernorm(c)).view(b, t, self.heads, self.nope + self.vdim)
+        if self.direct_kv:
+            k_pe, kv = self.k_pe_proj(x), self.kv_proj(x).view(b, t, self.heads, self.nope + self.vdim)
+        else:
+            c, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.rope], -1)
+            if self.keep_latent:
+                self.last_u = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + self.kv_a_layernorm.eps)
+            kv = self.kv_b_proj(self.kv_a_layernorm(c)).view(b, t, self.heads, self.nope + self.vdim)
         k_nope, v = kv.split([self.nope, self.vdim], -1)
         q_pe = _rope(q_pe, cos, sin)
         k_pe = _rope(k_pe.unsqueeze(2), cos, sin).expand(b, t, self.heads, self.rope)
@@ -288,11 +300,13 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, direct_kv: bool = False):
         super().__init__()
         eps = float(cfg["rms_norm_eps"])
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
-        self.self_attn = Attention(cfg)
+        if direct_kv:  # gains at 1, not trained: mla_state_dict's latent is then the same length at every token
+            self.input_layernorm.weight.requires_grad_(False)
+        self.self_attn = Attention(cfg, direct_kv)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.mlp = MLP(cfg)
 
@@ -302,22 +316,29 @@ class Layer(nn.Module):
 
 
 class _Backbone(nn.Module):
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, direct_kv: bool = False):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList([Layer(cfg) for _ in range(cfg["num_hidden_layers"])])
+        self.layers = nn.ModuleList([Layer(cfg, direct_kv) for _ in range(cfg["num_hidden_layers"])])
         self.norm = RMSNorm(cfg["hidden_size"], float(cfg["rms_norm_eps"]))
 
 
 class TrainableDeepseek(nn.Module):
-    """Dense DeepSeek-V3 with MLA (non-absorbed, causal, full sequences); ``state_dict()`` keys are the HF names."""
+    """Dense DeepSeek-V3 with MLA (non-absorbed, causal, full sequences); ``state_dict()`` keys are the HF names
+    (``direct_kv``: but for each layer's ``q_proj``/``kv_proj``/``k_pe_proj``; :func:`mla_state_dict` gives the
+    HF ones)."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, direct_kv: bool = False):
         super().__init__()
         if cfg.get("first_k_dense_replace", 0) < cfg["num_hidden_layers"]:
             raise ValueError("dense layers only")
-        self.cfg = cfg
-        self.model = _Backbone(cfg)
+        narrow = min(cfg["kv_lora_rank"], cfg.get("q_lora_rank") or cfg["kv_lora_rank"])
+        if direct_kv and cfg["hidden_size"] > narrow:
+            raise ValueError(f"direct queries/keys/values need hidden_size <= kv_lora_rank and q_lora_rank "
+                             f"({cfg['hidden_size']} > {narrow}): the latents that mla_state_dict writes are "
+                             "isometric copies of the normalised residual")
+        self.cfg, self.direct_kv = cfg, direct_kv
+        self.model = _Backbone(cfg, direct_kv)
         self.lm_head = _lin(cfg["hidden_size"], cfg["vocab_size"])
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "TrainableDeepseek":
@@ -341,6 +362,35 @@ class TrainableDeepseek(nn.Module):
         for layer in self.model.layers:
             h = layer(h, cos, sin)
         return self.lm_head(self.model.norm(h))
+
+
+def mla_state_dict(model: TrainableDeepseek, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as a DeepSeek checkpoint (HF names, fp32).  For a ``direct_kv`` model each layer's
+    keys and values go through the latent exactly: with ``n`` the normalised residual (input gains 1, so
+    ``|n|^2 = hidden``) and ``Q [r, hidden]`` orthonormal columns (seeded), ``kv_a_proj_with_mqa = [Q; W_pe]``
+    makes ``c = Q n`` (``|c|^2 = hidden`` at every token), ``kv_a_layernorm`` (gain 1) multiplies it by
+    ``sqrt(r / hidden)``, and ``kv_b_proj = W_kv Q^T sqrt(hidden / r)`` gives back ``W_kv n`` (up to the norms'
+    eps).  The latent then has rank ``hidden``.  With a ``q_lora_rank`` the queries go through ``q_a_proj``,
+    ``q_a_layernorm``, ``q_b_proj`` the same way."""
+    sd = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    if not model.direct_kv:
+        return sd
+    r, hid = model.cfg["kv_lora_rank"], model.cfg["hidden_size"]
+    gen = torch.Generator().manual_seed(seed + 3)
+    for i in range(model.cfg["num_hidden_layers"]):
+        pre = f"model.layers.{i}.self_attn."
+        q, _ = torch.linalg.qr(torch.randn(r, hid, generator=gen, dtype=torch.float64))
+        w_pe, w_kv = sd.pop(pre + "k_pe_proj.weight"), sd.pop(pre + "kv_proj.weight")
+        sd[pre + "kv_a_proj_with_mqa.weight"] = torch.cat([q.float(), w_pe])
+        sd[pre + "kv_a_layernorm.weight"] = torch.ones(r)
+        sd[pre + "kv_b_proj.weight"] = (w_kv.double() @ q.T * math.sqrt(hid / r)).float()
+        if rq := model.cfg.get("q_lora_rank"):
+            q, _ = torch.linalg.qr(torch.randn(rq, hid, generator=gen, dtype=torch.float64))
+            w_q = sd.pop(pre + "q_proj.weight")
+            sd[pre + "q_a_proj.weight"] = q.float()
+            sd[pre + "q_a_layernorm.weight"] = torch.ones(rq)
+            sd[pre + "q_b_proj.weight"] = (w_q.double() @ q.T * math.sqrt(hid / rq)).float()
+    return sd
 
 
 def load_trainable(cfg: dict, state_dict: dict[str, torch.Tensor]) -> TrainableDeepseek:
@@ -480,6 +530,8 @@ class TrainArgs:
     final_windows: int = 0  # held-out windows for the final perplexity (0: all)
     init_from: str | None = None  # continue from this model folder (its config, weights and tokenizer)
     fixed_latent_input: bool = False  # see fix_latent_input()
+    kv_parametrization: str = "latent"  # "direct": q/k/v trained without the low-rank factors (TrainableDeepseek)
+    init: str = "normal"  # "normal": N(0, 0.02) (init_weights); "pytorch": the torch.nn modules' defaults
 
 
 FIXED_BY_LATENT_INPUT = ("model.embed_tokens.weight", "input_layernorm.weight", "self_attn.kv_a_proj_with_mqa.weight")
@@ -491,8 +543,10 @@ def fix_latent_input(model: "TrainableDeepseek", seed: int, reinit: bool = True)
 
     * token embeddings ``N(0, 1)`` (unit RMS: the residual stream's random, full-rank part stays as large
       as what the blocks add to it at their initial scale);
-    * every layer's ``kv_a_proj_with_mqa``: latent rows orthonormal (``c = Q x`` keeps the spectrum of the
-      normalised residual ``x``), RoPE rows ``N(0, 1/hidden)``;
+    * every layer's ``kv_a_proj_with_mqa``: the latent rows orthonormal when ``hidden >= kv_lora_rank`` (``c = Q x``
+      keeps the spectrum of the normalised residual ``x``), orthonormal columns when ``hidden < kv_lora_rank``
+      (an isometry: ``|c| = |x|`` is the same at every token, so ``kv_a_layernorm`` only scales by a constant and
+      keys and values are linear in ``x``, as in multi-head attention); RoPE rows ``N(0, 1/hidden)``;
     * every ``input_layernorm`` gain at 1 (it could otherwise shrink channels of ``x``).
 
     Returns the names of the frozen parameters."""
@@ -510,8 +564,12 @@ def fix_latent_input(model: "TrainableDeepseek", seed: int, reinit: bool = True)
                 p.fill_(1.0)
             else:
                 r, hid = model.cfg["kv_lora_rank"], p.shape[1]
-                q, _ = torch.linalg.qr(torch.randn(hid, r, generator=gen))  # [hid, r], orthonormal columns (r <= hid)
-                p[:r].copy_(q.T)
+                if r <= hid:
+                    q, _ = torch.linalg.qr(torch.randn(hid, r, generator=gen))  # [hid, r], orthonormal columns
+                    p[:r].copy_(q.T)
+                else:
+                    q, _ = torch.linalg.qr(torch.randn(r, hid, generator=gen))  # [r, hid], orthonormal columns
+                    p[:r].copy_(q)
                 p[r:].copy_(torch.randn(p.shape[0] - r, hid, generator=gen) / math.sqrt(hid))
             p.requires_grad_(False)
             frozen.append(name)
@@ -538,6 +596,10 @@ def train(a: TrainArgs, command: str = "") -> dict:
     if a.embedding_mean and a.init_from:
         raise ValueError("--embedding-mean shapes a fresh initialisation; drop it with --init-from (the model "
                          "continued keeps its own embeddings)")
+    direct = a.kv_parametrization == "direct"
+    if direct and (a.init_from or a.latent_spread or a.fixed_latent_input):
+        raise ValueError("--kv-parametrization direct trains keys and values without the latent: it cannot be "
+                         "combined with --init-from, --latent-spread or --fixed-latent-input")
     torch.manual_seed(a.seed)
     t_start = time.time()
     out = Path(a.out)
@@ -575,12 +637,13 @@ def train(a: TrainArgs, command: str = "") -> dict:
         cfg = init_cfg
         model = load_trainable(cfg, init_sd)
     else:
-        model = TrainableDeepseek(cfg).init_weights(a.seed)
+        torch.manual_seed(a.seed)  # the "pytorch" initialisation draws from the global generator
+        model = TrainableDeepseek(cfg, direct_kv=direct)
+        if a.init == "normal":
+            model.init_weights(a.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[model] {n_params:,} parameters", flush=True)
     if a.fixed_latent_input:
-        if a.hidden < cfg["kv_lora_rank"]:
-            raise ValueError("--fixed-latent-input needs --hidden >= kv_lora_rank (an orthonormal latent projection)")
         frozen = fix_latent_input(model, a.seed, reinit=not a.init_from)
         print(f"[model] fixed, not trained: {len(frozen)} tensors ({', '.join(FIXED_BY_LATENT_INPUT)})", flush=True)
     if a.embedding_mean:
@@ -679,7 +742,7 @@ def train(a: TrainArgs, command: str = "") -> dict:
         layer.self_attn.keep_latent, layer.self_attn.last_u = False, None
 
     # final: whole held-out set, bf16 weights as saved (what serving and the evaluation see)
-    sd = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
+    sd = {k: v.to(torch.bfloat16) for k, v in mla_state_dict(model, a.seed).items()}
     final_model = load_trainable(cfg, sd)
     final_wins = held_wins[: a.final_windows] if a.final_windows else held_wins
     final_nll = mean_nll(final_model, final_wins)
@@ -717,7 +780,7 @@ def train(a: TrainArgs, command: str = "") -> dict:
         "heads": a.heads, "retrieval_frac": a.retrieval_frac, "answer_weight": a.answer_weight,
         "retrieval_pairs": list(a.retrieval_pairs), "retrieval_queries": a.retrieval_queries,
         "embedding_mean": a.embedding_mean, "latent_spread": a.latent_spread,
-        "fixed_latent_input": a.fixed_latent_input,
+        "fixed_latent_input": a.fixed_latent_input, "kv_parametrization": a.kv_parametrization, "init": a.init,
         "retrieval_exact_match": retr_em,
         "spectrum_uncentred_top16_64_128_256": [[round(v, 4) for v in row] for row in spec["uncentred"]],
     }
@@ -792,6 +855,7 @@ def _write_report(out, a, cfg, s, by_source, train_docs, held_docs, rows, comman
         f"--retrieval-pairs {a.retrieval_pairs[0]} {a.retrieval_pairs[1]} --retrieval-queries {a.retrieval_queries} "
         f"--embedding-mean {a.embedding_mean} --latent-spread {a.latent_spread} "
         f"{'--fixed-latent-input ' if a.fixed_latent_input else ''}"
+        f"--kv-parametrization {a.kv_parametrization} --init {a.init} "
         + (f"--init-from {a.init_from} " if a.init_from else "") + f"--steps {s['schedule_steps']} --minutes 100000`"
         + ("" if s["steps"] == s["schedule_steps"] else f" (this run stopped at step {s['steps']} on the wall-time budget)") + ".",
         "",
@@ -858,6 +922,15 @@ def main(argv=None) -> int:
     p.add_argument("--fixed-latent-input", action="store_true",
                    help="a lever that spreads the cached latent: token embeddings N(0,1), the latent down-projection "
                    "orthonormal and the input RMSNorm gains at 1, none of them trained")
+    p.add_argument("--kv-parametrization", choices=("latent", "direct"), default="latent",
+                   help="direct: train queries, keys and values straight from the normalised residual (multi-head "
+                   "attention with MLA's head dims and RoPE; input RMSNorm gains fixed at 1) and save them as MLA "
+                   "weights that compute the same function (a latent of rank hidden; needs --hidden <= 192). With the "
+                   "factorised projections the model did not learn induction on CPU budgets "
+                   "(results/fidelity/retrieval); default latent")
+    p.add_argument("--init", choices=("normal", "pytorch"), default="normal",
+                   help="normal: N(0, 0.02) weights (o/down projections scaled by depth); pytorch: torch.nn's "
+                   "defaults (Linear U(+-1/sqrt(fan_in)), Embedding N(0, 1)); default normal")
     p.add_argument("--init-from", help="continue training this model folder (its config, weights and tokenizer; "
                    "--layers/--hidden/--heads/--intermediate are ignored)")
     args = p.parse_args(argv)
@@ -891,7 +964,8 @@ def main(argv=None) -> int:
                          answer_weight=args.answer_weight,
                          retrieval_pairs=tuple(args.retrieval_pairs), retrieval_queries=args.retrieval_queries,
                          embedding_mean=args.embedding_mean,
-                         init_from=args.init_from, fixed_latent_input=args.fixed_latent_input), cmd)
+                         init_from=args.init_from, fixed_latent_input=args.fixed_latent_input,
+                         kv_parametrization=args.kv_parametrization, init=args.init), cmd)
     print(json.dumps(s), flush=True)
     return 0
 

@@ -148,6 +148,21 @@ def test_fixed_latent_input_freezes_what_feeds_the_latent_and_keeps_its_spectrum
     assert torch.equal(again.model.embed_tokens.weight, emb) and not again.model.embed_tokens.weight.requires_grad
 
 
+def test_fixed_latent_input_narrower_than_the_latent_is_an_isometry():
+    """hidden < kv_lora_rank: the latent rows have orthonormal columns, so every token's latent is as long as its
+    normalised residual (kv_a_layernorm then scales by one constant and keys/values are linear in x)."""
+    cfg = tiny_config(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, q_lora_rank=None, vocab_size=64,
+                      intermediate_size=64, kv_lora_rank=48)
+    model = T.TrainableDeepseek(cfg).init_weights(0)
+    T.fix_latent_input(model, seed=0)
+    attn, ln = model.model.layers[0].self_attn, model.model.layers[0].input_layernorm
+    w = attn.kv_a_proj_with_mqa.weight[:48]
+    assert torch.allclose(w.T @ w, torch.eye(32), atol=1e-5)
+    x = ln(model.model.embed_tokens.weight)
+    assert torch.allclose((x @ w.T).norm(dim=-1), x.norm(dim=-1), rtol=1e-4)
+    assert torch.allclose(x.norm(dim=-1), torch.full((64,), 32**0.5), rtol=1e-4)
+
+
 def test_lr_schedule():
     assert T.lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
     assert T.lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
@@ -281,3 +296,36 @@ def test_add_embedding_mean_shifts_every_row_by_one_vector():
 def test_embedding_mean_is_refused_with_init_from(tmp_path):
     with pytest.raises(ValueError, match="--embedding-mean.*--init-from"):
         T.train(T.TrainArgs(out=str(tmp_path / "m"), init_from=str(tmp_path / "prev"), embedding_mean=0.5))
+
+
+@pytest.mark.parametrize("q_lora_rank", [192, None])
+def test_direct_kv_model_saved_as_mla_computes_the_same(q_lora_rank):
+    """--kv-parametrization direct: keys and values trained without the latent; mla_state_dict writes DeepSeek
+    MLA weights that the reference model (MLA, its own code) runs to the same logits."""
+    cfg = tiny_config(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, q_lora_rank=q_lora_rank,
+                      vocab_size=256, intermediate_size=128)
+    torch.manual_seed(0)
+    model = T.TrainableDeepseek(cfg, direct_kv=True)  # torch.nn's default initialisation (--init pytorch)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"model.layers.{i}.input_layernorm.weight" for i in range(2)}
+    assert all(not n.endswith(("q_a_proj.weight", "kv_b_proj.weight")) for n in model.state_dict())
+    sd = T.mla_state_dict(model, seed=0)
+    assert set(sd) == set(random_state_dict(cfg))
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(ids)
+    ref = ReferenceDeepseek(cfg, sd)
+    for b in range(2):
+        r = ref.forward(ids[b].tolist(), 0, ref.new_cache(), AttentionMode("mla"), decode=False)
+        torch.testing.assert_close(out[b], r, atol=2e-4, rtol=0)
+    with pytest.raises(ValueError, match="hidden_size <= kv_lora_rank and q_lora_rank"):
+        T.TrainableDeepseek(tiny_config(num_hidden_layers=1, hidden_size=64, kv_lora_rank=48), direct_kv=True)
+
+
+def test_train_direct_kv_writes_a_deepseek_checkpoint(tmp_path, monkeypatch):
+    out, s = _small_run(tmp_path, monkeypatch, steps=2, eval_every=1, kv_parametrization="direct", init="pytorch")
+    cfg, sd = load_model(out)
+    assert set(sd) == set(random_state_dict(cfg)) and s["kv_parametrization"] == "direct"
+    assert "--kv-parametrization direct --init pytorch" in (out / "TRAINING.md").read_text()
+    with pytest.raises(ValueError, match="--kv-parametrization direct.*--init-from"):
+        T.train(T.TrainArgs(out=str(tmp_path / "m"), init_from=str(out), kv_parametrization="direct"))
