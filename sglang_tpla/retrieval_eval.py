@@ -169,7 +169,7 @@ def write_markdown(path: Path, meta: dict, res: dict) -> None:
         "# Key/value retrieval: MLA vs TPLA (fp32 reference model)", "",
         f"- date: {meta['date']}", f"- git commit: {meta['commit']}", f"- command: `{meta['command']}`",
         f"- model: {meta['model_path']}; calibration: {meta['calibration']}",
-        f"- task: `sglang_tpla.retrieval.build_task(seed={meta['seed']}, n={meta['n']})` "
+        f"- task: `sglang_tpla.retrieval.build_task(seed={meta['seed']}, n={meta['n']}, n_pairs={meta['n_pairs']})` "
         f"({meta['n_pairs']} records, {meta['answer_tokens']:.2f} answer tokens on average, prompts of "
         f"{meta['prompt_tokens_min']}-{meta['prompt_tokens_max']} tokens); greedy and teacher-forced",
         f"- CPU time: {meta['cpu_seconds']:.0f} s ({meta['threads']} thread(s))", "",
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", required=True, help="TRANSFORM:G:MODE[:NORM[:MU]] (repeatable)")
     p.add_argument("--seed", type=int, default=1, help="retrieval task seed (default 1, the trainer's)")
     p.add_argument("--n", type=int, default=32, help="examples")
+    p.add_argument("--pairs", type=int, default=12,
+                   help="records per prompt (default 12; a model trained on fewer, e.g. train --retrieval-pairs 2 4, "
+                   "is evaluated on as many as it saw)")
     p.add_argument("--hadamard-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
@@ -218,7 +221,7 @@ def run(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_file(str(Path(args.model_path) / "tokenizer.json"))
-    examples = R.build_task(args.seed, args.n)
+    examples = R.build_task(args.seed, args.n, n_pairs=args.pairs)
     variants = [variant_from_spec(s, args.hadamard_seed, args.calibration) for s in args.variant]
     scorer = Scorer(args.model_path, args.calibration, args.hadamard_seed)
     res = evaluate(scorer, tok, variants, examples, log=lambda m: print(m, flush=True))
@@ -227,7 +230,7 @@ def run(argv: list[str] | None = None) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": E._git_commit(),
         "command": " ".join(["python -m sglang_tpla.retrieval_eval", *(argv if argv is not None else sys.argv[1:])]),
         "model_path": args.model_path, "calibration": args.calibration, "seed": args.seed, "n": args.n,
-        "n_pairs": 12, "answer_tokens": sum(len(t["answer"]) for t in toks) / len(toks),
+        "n_pairs": args.pairs, "answer_tokens": sum(len(t["answer"]) for t in toks) / len(toks),
         "prompt_tokens_min": min(len(t["prompt"]) for t in toks), "prompt_tokens_max": max(len(t["prompt"]) for t in toks),
         "threads": args.threads, "cpu_seconds": time.process_time() - cpu0,
         "source": "fp32 reference model (sglang_tpla.reference_model.ReferenceDeepseek)",

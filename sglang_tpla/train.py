@@ -27,11 +27,13 @@ left with fewer than 200 characters are dropped.  Documents go to held-out when
 Options for a model whose latent is spread out (``tests/assets/tiny-deepseek-spread``; see
 ``results/fidelity/spectrum.md``): ``--heads`` (default 4); ``--retrieval-frac F`` replaces that share of
 each batch's windows by synthetic key/value retrieval documents (:mod:`sglang_tpla.retrieval`; the held-out
-perplexity stays on natural text only, and the exact match on ``retrieval.build_task(seed=1, n=32)`` is
-recorded at every evaluation); ``--answer-weight W`` counts the looked-up values' tokens ``W`` times in the
+perplexity stays on natural text only, and the exact match on ``retrieval.build_task(seed=1, n=32)`` (12
+records, or ``MAX`` of ``--retrieval-pairs`` if fewer) is recorded at every evaluation); ``--answer-weight W`` counts the looked-up values' tokens ``W`` times in the
 loss (the only tokens learnt by copying); ``--retrieval-pairs MIN MAX`` / ``--retrieval-queries N`` set the
 records and lookups per training document (fewer records: an easier start); ``--embedding-mean S``: see
-:func:`add_embedding_mean`; ``--latent-spread L`` adds ``L`` times :func:`spread_penalty`
+:func:`add_embedding_mean`; ``--kv-parametrization direct`` (``--init pytorch``): queries, keys and values
+trained without MLA's low-rank factors and saved as MLA weights (:func:`mla_state_dict`; the factorised model
+did not learn induction, ``results/fidelity/retrieval/README.md``); ``--latent-spread L`` adds ``L`` times :func:`spread_penalty`
 (``log(r / participation ratio)`` of the batch's uncentred second moment of the cached latent
 ``u = c / RMS(c)``, mean over layers) to the loss.  Every run records the latent spectrum (:mod:`sglang_tpla.spectrum`) of the saved weights.
 
@@ -464,13 +466,13 @@ def retrieval_windows(tok, seed: int, start_doc: int, n: int, seq_len: int, n_pa
 
 
 @torch.no_grad()
-def retrieval_exact_match(model: "TrainableDeepseek", tok, seed: int = 1, n: int = 32) -> float:
-    """Greedy exact match on :func:`sglang_tpla.retrieval.build_task` (``seed``, ``n``) with the trainable model
-    (exact MLA, full recompute per generated token)."""
+def retrieval_exact_match(model: "TrainableDeepseek", tok, seed: int = 1, n: int = 32, n_pairs: int = 12) -> float:
+    """Greedy exact match on :func:`sglang_tpla.retrieval.build_task` (``seed``, ``n``, ``n_pairs``) with the
+    trainable model (exact MLA, full recompute per generated token)."""
     from . import retrieval as R
 
     model.eval()
-    outs, exs = [], R.build_task(seed, n)
+    outs, exs = [], R.build_task(seed, n, n_pairs=n_pairs)
     for ex in exs:
         ids = tok.encode(ex.prompt).ids
         new: list[int] = []
@@ -659,6 +661,7 @@ def train(a: TrainArgs, command: str = "") -> dict:
     uni_nll_eval = unigram_nll(train_stream, eval_wins[:, 1:], vocab)
 
     n_retr = int(round(a.retrieval_frac * a.batch))
+    em_pairs = min(12, a.retrieval_pairs[1])  # the exact match's records: 12, or fewer when trained on fewer
     n_text = a.batch - n_retr
     retr_doc = 0
     if n_retr:
@@ -730,7 +733,7 @@ def train(a: TrainArgs, command: str = "") -> dict:
             eta = f" (ETA {elapsed / step * (total_steps - step) / 60:.1f} min)" if total_steps < 10**9 else ""
             extra = f" spread {pen.item():.3f}" if a.latent_spread > 0 else ""
             if n_retr:
-                rows[-1]["retrieval_em"] = retrieval_exact_match(model, tok)
+                rows[-1]["retrieval_em"] = retrieval_exact_match(model, tok, n_pairs=em_pairs)
                 extra += f" retrieval exact match {rows[-1]['retrieval_em']:.3f}"
             print(f"[step {step}/{total_steps}] {elapsed:7.0f}s{eta} loss {loss_v:.3f} (ema {ema:.3f}) held-out ppl "
                   f"{math.exp(held):.1f} (unigram {math.exp(uni_nll_eval):.1f}) lr {opt.param_groups[0]['lr']:.2e} |g| {gnorm:.2f}{extra}", flush=True)
@@ -754,9 +757,10 @@ def train(a: TrainArgs, command: str = "") -> dict:
     spec = spectra(latent_moments(cfg, sd, held_wins[: max(1, 16384 // (a.seq_len + 1)), :-1]))
     print("[spectrum] uncentred energy of u = c / RMS(c) in the top " + "/".join(map(str, KS)) + " PCA components: "
           + "; ".join(f"layer {i} " + "/".join(f"{v:.3f}" for v in row) for i, row in enumerate(spec["uncentred"])), flush=True)
-    retr_em = retrieval_exact_match(final_model, tok) if n_retr else None
+    retr_em = retrieval_exact_match(final_model, tok, n_pairs=em_pairs) if n_retr else None
     if retr_em is not None:
-        print(f"[retrieval] exact match {retr_em:.3f} (retrieval.build_task(seed=1, n=32), bf16 weights, greedy)", flush=True)
+        print(f"[retrieval] exact match {retr_em:.3f} (retrieval.build_task(seed=1, n=32, n_pairs={em_pairs}), bf16 "
+              "weights, greedy)", flush=True)
 
     save_model(out, cfg, sd)
     save_bpe_tokenizer(out, tok)
@@ -781,7 +785,7 @@ def train(a: TrainArgs, command: str = "") -> dict:
         "retrieval_pairs": list(a.retrieval_pairs), "retrieval_queries": a.retrieval_queries,
         "embedding_mean": a.embedding_mean, "latent_spread": a.latent_spread,
         "fixed_latent_input": a.fixed_latent_input, "kv_parametrization": a.kv_parametrization, "init": a.init,
-        "retrieval_exact_match": retr_em,
+        "retrieval_exact_match": retr_em, "retrieval_exact_match_records": em_pairs if n_retr else None,
         "spectrum_uncentred_top16_64_128_256": [[round(v, 4) for v in row] for row in spec["uncentred"]],
     }
     _write_report(out, a, cfg, summary, by_source, train_docs, held_docs, rows, command)
