@@ -82,8 +82,9 @@ def training_document(seed: int, index: int, n_pairs: tuple[int, int] = (4, 16),
 
 def build_task(seed: int, n: int, n_pairs: int = 12, n_queries: int = 4) -> list[Example]:
     """``n`` evaluation examples; example ``i`` asks for the ``i % n_queries``-th lookup of its document
-    (earlier lookups of the same document are in the prompt with their answers)."""
+    (earlier lookups of the same document are in the prompt with their answers); at most ``n_pairs`` lookups."""
     out = []
+    n_queries = min(n_queries, n_pairs)
     for i in range(n):
         rng = _rng(seed, i // n_queries, "eval")
         body, queries = _document(rng, n_pairs, n_queries)
