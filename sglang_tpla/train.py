@@ -586,7 +586,7 @@ def add_embedding_mean(model: "TrainableDeepseek", scale: float, seed: int) -> N
     it from the start.  Measured with a 2-layer model (``results/fidelity/retrieval/README.md``): a repeated
     random sequence is copied from 32 tokens back within 600 steps with ``S = 1`` (loss 0.003) and not at all
     without (6.235, chance 6.23).  A fixed distance is reachable by position alone: with varying distances (the
-    retrieval documents, the probe's ``shifted`` task) nothing has learnt to copy with it yet."""
+    retrieval documents, the probe's ``shifted`` task) it does not help; ``--kv-parametrization direct`` does."""
     gen = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         e = model.model.embed_tokens.weight
