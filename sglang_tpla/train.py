@@ -25,17 +25,19 @@ left with fewer than 200 characters are dropped.  Documents go to held-out when
 ``sha1(f"{seed}:{source}:{name}") % 40 == 0`` (about 2.5 %).
 
 Options for a model whose latent is spread out (``tests/assets/tiny-deepseek-spread``; see
-``results/fidelity/spectrum.md``): ``--heads`` (default 4); ``--retrieval-frac F`` replaces that share of
-each batch's windows by synthetic key/value retrieval documents (:mod:`sglang_tpla.retrieval`; the held-out
+``results/fidelity/spectrum.md``): ``--heads`` (default 4); ``--retrieval-frac F`` replaces that share of each
+batch's windows by synthetic key/value retrieval documents (:mod:`sglang_tpla.retrieval`; the held-out
 perplexity stays on natural text only, and the exact match on ``retrieval.build_task(seed=1, n=32)`` (12
-records, or ``MAX`` of ``--retrieval-pairs`` if fewer) is recorded at every evaluation); ``--answer-weight W`` counts the looked-up values' tokens ``W`` times in the
-loss (the only tokens learnt by copying); ``--retrieval-pairs MIN MAX`` / ``--retrieval-queries N`` set the
-records and lookups per training document (fewer records: an easier start); ``--embedding-mean S``: see
-:func:`add_embedding_mean`; ``--kv-parametrization direct`` (``--init pytorch``): queries, keys and values
-trained without MLA's low-rank factors and saved as MLA weights (:func:`mla_state_dict`; the factorised model
-did not learn induction, ``results/fidelity/retrieval/README.md``); ``--latent-spread L`` adds ``L`` times :func:`spread_penalty`
+records, or ``MAX`` of ``--retrieval-pairs`` if fewer) is recorded at every evaluation); ``--answer-weight W``
+counts the looked-up values' tokens ``W`` times in the loss (the only tokens learnt by copying);
+``--retrieval-pairs MIN MAX`` / ``--retrieval-queries N`` set the records and lookups per training document
+(fewer records: an easier start); ``--embedding-mean S``: see :func:`add_embedding_mean`;
+``--kv-parametrization direct`` (``--init pytorch``): queries, keys and values trained without MLA's low-rank factors and saved as MLA
+weights (:func:`mla_state_dict`; the factorised model did not learn induction,
+``results/fidelity/retrieval/README.md``); ``--latent-spread L`` adds ``L`` times :func:`spread_penalty`
 (``log(r / participation ratio)`` of the batch's uncentred second moment of the cached latent
-``u = c / RMS(c)``, mean over layers) to the loss.  Every run records the latent spectrum (:mod:`sglang_tpla.spectrum`) of the saved weights.
+``u = c / RMS(c)``, mean over layers) to the loss. Every run records the latent spectrum (:mod:`sglang_tpla.spectrum`) of
+the saved weights.
 
 The trainable module :class:`TrainableDeepseek` uses exactly the HF DeepSeek-V3 weight names of
 :func:`sglang_tpla.tiny_model.random_state_dict` and is checked against

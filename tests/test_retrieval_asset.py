@@ -16,12 +16,7 @@ RETRIEVAL = Path(__file__).parent / "assets" / "tiny-deepseek-retrieval"
 MIN_EM = 0.25
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tok():

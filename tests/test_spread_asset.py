@@ -24,12 +24,7 @@ TOP64_BOUND = 0.80
 needs_spread = pytest.mark.skipif(not (SPREAD / "model.safetensors").exists(), reason="spread asset not built")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- retrieval task

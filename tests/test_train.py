@@ -18,12 +18,7 @@ from sglang_tpla.tiny_model import load_model, random_state_dict, tiny_config
 ASSET = Path(__file__).parent / "assets" / "tiny-deepseek-trained"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_sources(tmp_path):
